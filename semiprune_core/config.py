@@ -1,0 +1,233 @@
+"""Params: one validated section per stage, read through one loader.
+
+``params.yaml`` has one section per stage plus ``base``. Each section is a strict pydantic model
+(unknown keys and wrong types are errors). A stage asks :func:`load_stage_params` for its params;
+the loader returns only the sections that stage declares in ``dvc.yaml``, so a stage cannot read a
+param DVC does not know it depends on (which would break "change only the ratio, reuse the rest").
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Base(Section):
+    seed: int = Field(0, ge=0, description="master seed; every random choice derives from it")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
+
+
+class Synthetic(Section):
+    n_train: int = Field(4000, ge=1)
+    n_test: int = Field(1000, ge=0)
+    n_classes: int = Field(10, ge=2)
+    image_size: int = Field(28, ge=8, le=256)
+    channels: Literal[1, 3] = 1
+    separation: float = Field(1.0, gt=0, description="distance between class prototypes (higher = easier)")
+    ambiguous_share: float = Field(0.1, ge=0, le=1, description="share of samples blended between two classes")
+    mislabeled_share: float = Field(0.05, ge=0, le=1, description="share of train samples whose dataset label is wrong")
+
+
+class Subsample(Section):
+    train: int | None = Field(None, ge=1, description="keep this many train samples (stratified, seeded)")
+    test: int | None = Field(None, ge=1, description="keep this many test samples (stratified, seeded)")
+
+
+class LongTail(Section):
+    imbalance: float = Field(1.0, gt=0, le=1, description="smallest/largest class size in train; 1 = off")
+
+
+class Corrupt(Section):
+    share: float = Field(0.0, ge=0, le=1, description="share of train samples corrupted; 0 = off")
+    kinds: list[Literal["noise", "blur", "occlusion", "contrast"]] = ["noise", "blur", "occlusion", "contrast"]
+    severity: int = Field(3, ge=1, le=5)
+
+    @model_validator(mode="after")
+    def _kinds(self):
+        if self.share > 0 and not self.kinds:
+            raise ValueError("kinds is empty while share > 0: name at least one corruption")
+        return self
+
+
+class Labeled(Section):
+    """The labeled subset. Set at most one of per_class / fraction / count.
+
+    None of them: every human label the source has is used (an imagefolder with a labels CSV uses
+    exactly the labeled files; a benchmark source becomes fully labeled, the full-label oracle).
+    """
+
+    per_class: int | None = Field(100, ge=1)
+    fraction: float | None = Field(None, gt=0, le=1)
+    count: int | None = Field(None, ge=1, description="a total label budget, split evenly across classes")
+
+    @model_validator(mode="after")
+    def _one(self):
+        chosen = [k for k in ("per_class", "fraction", "count") if getattr(self, k) is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"set only one of per_class, fraction, count (got {', '.join(chosen)}); set the others to null")
+        return self
+
+
+class Data(Section):
+    source: Literal["fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder", "synthetic"] = "fashion-mnist"
+    root: str | None = Field("data/fashion-mnist", description="dataset folder; see README for each source")
+    download: bool = True
+    test_root: str | None = Field(None, description="imagefolder: labeled test images in class sub-folders")
+    labels_csv: str | None = Field(None, description="imagefolder: CSV sample_id,label labelling some files")
+    image_size: int = Field(32, ge=8, le=512, description="imagefolder: images are resized to this square size")
+    channels: Literal[1, 3] = 3
+    max_image_pixels: int = Field(50_000_000, ge=1, description="refuse images that decompress to more pixels")
+    synthetic: Synthetic = Synthetic()
+    subsample: Subsample = Subsample()
+    long_tail: LongTail = LongTail()
+    corrupt: Corrupt = Corrupt()
+    labeled: Labeled = Labeled()
+
+
+SECTIONS: dict[str, type[Section]] = {"base": Base, "data": Data}
+
+
+def register_section(name: str, model: type[Section]) -> None:
+    """Later stages add their sections here (e.g. ``ssl``, ``select``)."""
+    SECTIONS[name] = model
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    got = first.get("input")
+    got_txt = "" if isinstance(got, Mapping) or first["type"] == "missing" else f" (got {got!r})"
+    extra = f" and {len(err.errors()) - 1} more" if len(err.errors()) > 1 else ""
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{source}: {where}: {msg}{got_txt}{extra}"
+
+
+def validate(raw: Mapping[str, Any], *, source: str = "params.yaml") -> dict[str, Section]:
+    """Validate every section in ``raw``; unknown sections or keys are errors."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source} must be a mapping of sections", "see params.yaml in the repository for the layout")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section {unknown[0]!r}", f"known sections are {', '.join(sorted(SECTIONS))}")
+    out = {}
+    for name, model in SECTIONS.items():
+        body = raw.get(name) or {}
+        try:
+            out[name] = model.model_validate(body)
+        except ValidationError as err:
+            raise ConfigError(_one_line(err, f"{source} [{name}]"), "fix that value") from None
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path} not found", "run from the project root, or pass the right path")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError(f"{path} is not valid YAML{where}", "fix its syntax") from None
+    return data or {}
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"select.ratio=0.5"`` -> (["select", "ratio"], 0.5); the value is parsed as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise ConfigError(f"override {text!r} is not key=value", "write it like --set select.ratio=0.5")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a deep copy of ``raw`` with each ``key=value`` override applied."""
+    out = copy.deepcopy(dict(raw))
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = out
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {k!r} is a value, not a section", "check the key path")
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``over`` onto ``base`` (a profile onto params.yaml)."""
+    out = copy.deepcopy(dict(base))
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def stage_sections(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
+    """The params sections ``stage`` declares in dvc.yaml (``score@0`` looks up ``score``)."""
+    spec = read_yaml(dvc_yaml).get("stages", {})
+    body = spec.get(stage) or spec.get(stage.split("@")[0])
+    if body is None:
+        raise ConfigError(f"stage {stage!r} is not in {dvc_yaml}", f"stages are {', '.join(spec)}")
+    if "do" in body:  # foreach stage
+        body = body["do"]
+    names = []
+    for entry in body.get("params", []):
+        if isinstance(entry, str):
+            names.append(entry)
+        else:  # {file: [keys]}
+            for keys in entry.values():
+                names.extend(keys)
+    return [n.split(".")[0] for n in names]
+
+
+class StageParams(dict):
+    """Mapping section -> validated params; reading an undeclared section is an error."""
+
+    def __init__(self, stage: str, sections: Mapping[str, Section]):
+        super().__init__(sections)
+        self.stage = stage
+
+    def __missing__(self, key):
+        raise ConfigError(
+            f"stage {self.stage!r} read params section {key!r} it does not declare",
+            f"add {key!r} to its params in dvc.yaml",
+        )
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v.model_dump(mode="json") for k, v in self.items()}
+
+
+def load_stage_params(stage: str, *, root: str | Path = ".") -> StageParams:
+    root = Path(root)
+    allowed = stage_sections(stage, root / "dvc.yaml")
+    sections = validate(read_yaml(root / "params.yaml"))
+    return StageParams(stage, {k: sections[k] for k in allowed})

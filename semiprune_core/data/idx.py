@@ -1,0 +1,58 @@
+"""IDX files (MNIST, Fashion-MNIST), gzipped or not.
+
+Format: 2 zero bytes, a type code (0x08 = uint8), the number of dimensions, one big-endian uint32
+per dimension, then the data. Anything else is a :class:`DataError` naming the file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+
+_UINT8 = 0x08
+_MAX_ELEMENTS = 2**31  # refuse headers that would ask for more than 2 GiB
+
+
+def parse_idx(raw: bytes, *, name: str = "IDX data") -> np.ndarray:
+    """Parse the bytes of an (uncompressed) IDX file into a uint8 array of the stated shape."""
+    fix = "re-download or reinstall the dataset"
+    if len(raw) < 4:
+        raise DataError(f"{name} is truncated: {len(raw)} bytes, no IDX header", fix)
+    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0:
+        raise DataError(f"{name} is not an IDX file (bad magic number)", fix)
+    if dtype != _UINT8:
+        raise DataError(f"{name} holds IDX type 0x{dtype:02x}; only unsigned bytes (0x08) are supported", fix)
+    if not 1 <= ndim <= 4:
+        raise DataError(f"{name} declares {ndim} dimensions; image/label files have 1 to 4", fix)
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{name} is truncated inside its header", fix)
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    count = int(np.prod(shape, dtype=np.int64))
+    if count > _MAX_ELEMENTS:
+        raise DataError(f"{name} declares shape {shape}, larger than any supported dataset", fix)
+    if len(raw) - header != count:
+        state = "truncated" if len(raw) - header < count else "longer than its header says"
+        raise DataError(f"{name} is {state}: header {shape} needs {count} bytes, file has {len(raw) - header}", fix)
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise DataError(f"{path} is a damaged gzip file ({err})", "re-download or reinstall the dataset") from None
+    except OSError as err:
+        raise DataError(f"cannot read {path} ({err.strerror})", "check the file and its permissions") from None
+    return parse_idx(raw, name=str(path))

@@ -1,0 +1,92 @@
+"""Artifact I/O: atomic writes, Parquet tables keyed by ``sample_id``, JSON metrics.
+
+Every artifact is written to a temporary file in its destination folder and renamed into place,
+so a killed process never leaves a partial file that DVC or a later stage would accept.
+Tables are sorted by ``sample_id``, zstd-compressed, and carry the writer's params and code
+version in their schema metadata.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import __version__
+from .errors import DataError
+
+PARQUET_OPTIONS = dict(compression="zstd", compression_level=3, write_statistics=True)
+META_KEY = b"semiprune"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_table(path: str | os.PathLike, table: pa.Table, *, meta: Mapping[str, Any] | None = None) -> None:
+    """Write ``table`` sorted by ``sample_id`` with ``meta`` (JSON) in the schema metadata."""
+    if "sample_id" not in table.column_names:
+        raise ValueError("artifact tables are keyed by a 'sample_id' column")
+    table = table.sort_by("sample_id")
+    info = {"code_version": __version__, **(meta or {})}
+    schema_meta = dict(table.schema.metadata or {})
+    schema_meta[META_KEY] = json.dumps(info, sort_keys=True, default=_json_default).encode()
+    table = table.replace_schema_metadata(schema_meta)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, **PARQUET_OPTIONS)
+
+
+def read_table(path: str | os.PathLike, *, columns: list[str] | None = None, stage: str = "its stage") -> pa.Table:
+    """Read an artifact table; a missing or unreadable file is a :class:`DataError`."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path} does not exist", f"run `dvc repro` (or the stage that writes it: {stage}) first")
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{path} is not a readable Parquet file ({err})", f"delete it and re-run {stage}") from None
+
+
+def table_meta(table_or_path: pa.Table | str | os.PathLike) -> dict[str, Any]:
+    """The JSON metadata :func:`write_table` stored, or ``{}``."""
+    if isinstance(table_or_path, pa.Table):
+        schema = table_or_path.schema
+    else:
+        schema = pq.read_schema(table_or_path)
+    raw = (schema.metadata or {}).get(META_KEY)
+    return json.loads(raw) if raw else {}
