@@ -103,11 +103,12 @@ def register_section(name: str, model: type[Section]) -> None:
     SECTIONS[name] = model
 
 
-def _one_line(err: ValidationError, source: str) -> str:
+def _one_line(err: ValidationError, source: str, section: str) -> str:
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
+    where = ".".join([section, *(str(p) for p in first["loc"])])
     got = first.get("input")
-    got_txt = "" if isinstance(got, Mapping) or first["type"] == "missing" else f" (got {got!r})"
+    quiet = isinstance(got, Mapping) or first["type"] in ("missing", "extra_forbidden")
+    got_txt = "" if quiet else f" (got {got!r})"
     extra = f" and {len(err.errors()) - 1} more" if len(err.errors()) > 1 else ""
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
@@ -128,7 +129,9 @@ def validate(raw: Mapping[str, Any], *, source: str = "params.yaml") -> dict[str
         try:
             out[name] = model.model_validate(body)
         except ValidationError as err:
-            raise ConfigError(_one_line(err, f"{source} [{name}]"), "fix that value") from None
+            unknown = err.errors()[0]["type"] == "extra_forbidden"
+            fix = "remove it or check its spelling (see params.yaml for every key)" if unknown else "fix that value"
+            raise ConfigError(_one_line(err, source, name), fix) from None
     return out
 
 

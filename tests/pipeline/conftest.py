@@ -1,0 +1,53 @@
+"""A real copy of the project in a temp folder, run with the real `semiprune` and `dvc` commands."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+needs_fmnist = pytest.mark.skipif(
+    not FMNIST.exists(), reason="Fashion-MNIST not installed (scripts/setup.sh installs dataset-fashion-mnist)"
+)
+
+
+def _project_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout.splitlines()
+    return [f for f in out if (REPO / f).is_file()]
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """The project's tracked and untracked-but-not-ignored files, in a fresh git repository."""
+    dest = tmp_path / "project"
+    for rel in _project_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, target)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    return dest
+
+
+def run_cli(project: Path, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", SEMIPRUNE_LOG_LEVEL="WARNING")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"semiprune {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def run_dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DVC_NO_ANALYTICS="1", DVC_SITE_CACHE_DIR=str(project / ".semiprune" / "dvc-site"))
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env, capture_output=True,
+                          text=True, timeout=600)
