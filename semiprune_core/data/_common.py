@@ -1,0 +1,43 @@
+"""Helpers the sources share."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from .pool import UNLABELED, Pool
+
+
+def index_ids(split: str, n: int) -> np.ndarray:
+    """``split/000000`` ... zero-padded to at least 6 digits so that ids sort in row order. (n,) str"""
+    width = max(6, len(str(max(n - 1, 0))))
+    return np.array([f"{split}/{i:0{width}d}" for i in range(n)], dtype=str)
+
+
+def benchmark_pool(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *,
+                   classes: list[str], info: dict, hidden: dict | None = None) -> Pool:
+    """A benchmark pool: train rows unlabeled, test rows labeled, every row with its true label.
+
+    train_x (N, C, H, W) uint8, train_y (N,) int; test_x (M, C, H, W) uint8, test_y (M,) int.
+    """
+    true = np.concatenate([train_y, test_y]).astype(np.int64)
+    return Pool(
+        sample_ids=np.concatenate([index_ids("train", len(train_y)), index_ids("test", len(test_y))]),
+        split=np.array(["train"] * len(train_y) + ["test"] * len(test_y), dtype=str),
+        images=np.concatenate([train_x, test_x]),
+        labels=np.concatenate([np.full(len(train_y), UNLABELED, np.int64), test_y.astype(np.int64)]),
+        classes=list(classes),
+        true_labels=true,
+        hidden=dict(hidden or {}),
+        info={**info, "has_test": True},
+    )
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
