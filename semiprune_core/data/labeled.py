@@ -25,7 +25,7 @@ def choose_labeled(reference_labels: np.ndarray, *, per_class: int | None = None
 
     Set at most one of:
       per_class  k rows of every class;
-      fraction   round(fraction * class size) rows of every class, at least 1;
+      fraction   round(fraction * class size) rows of every class (halves round up), at least 1;
       count      a total budget split as evenly as possible, the remainder going to classes drawn at random.
     None set: every row with a reference label. ``classes`` names the classes (default: those present);
     every class must end up with at least one labeled row.

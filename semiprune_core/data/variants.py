@@ -17,7 +17,7 @@ from .pool import Pool
 CORRUPTIONS = ("noise", "blur", "occlusion", "contrast")
 # Strength per severity 1..5 (index 0 = severity 1), in the spirit of CIFAR-10-C.
 _NOISE_STD = (0.04, 0.08, 0.12, 0.18, 0.26)  # share of the 0..255 range
-_BLUR_SIGMA = (0.5, 0.75, 1.0, 1.5, 2.0)  # pixels, at 32 px; scaled with image size
+_BLUR_SIGMA = (0.5, 0.75, 1.0, 1.5, 2.0)  # pixels at <= 32 px; scaled up for larger images
 _OCCLUSION_SIDE = (0.15, 0.2, 0.25, 0.3, 0.4)  # rectangle side as a share of the image side
 _CONTRAST = (0.6, 0.5, 0.4, 0.3, 0.2)  # kept share of the deviation from the image mean
 
@@ -157,7 +157,7 @@ def _noise(x: np.ndarray, *, severity: int, g: np.random.Generator) -> np.ndarra
 
 
 def _blur(x: np.ndarray, *, severity: int, g: np.random.Generator) -> np.ndarray:
-    sigma = _BLUR_SIGMA[severity - 1] * x.shape[-1] / 32
+    sigma = _BLUR_SIGMA[severity - 1] * max(1.0, x.shape[-1] / 32)
     radius = max(1, int(np.ceil(3 * sigma)))
     taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
     taps /= taps.sum()
