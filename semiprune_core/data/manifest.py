@@ -71,7 +71,7 @@ def check_unique_ids(sample_ids: np.ndarray) -> None:
     values, counts = np.unique(sample_ids, return_counts=True)
     if (counts > 1).any():
         dup = values[counts > 1]
-        raise DataError(f"sample_id {dup[0]!r} occurs {counts[counts > 1][0]} times ({len(dup)} duplicated id(s))",
+        raise DataError(f"sample_id {str(dup[0])!r} occurs {counts[counts > 1][0]} times ({len(dup)} duplicated id(s))",
                         "give every file a distinct path (a train folder named 'test/' clashes with test ids)")
 
 
@@ -135,6 +135,7 @@ def read_images(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     width = int(np.prod(shape))
     data = np.frombuffer(image.buffers()[1], np.uint8, count=(image.offset + len(image)) * width)
     images = data[image.offset * width:].reshape(len(image), *shape)
+    images.flags.writeable = False  # a view on Arrow's memory
     return table["sample_id"].to_numpy(zero_copy_only=False), images
 
 
