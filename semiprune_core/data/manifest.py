@@ -3,7 +3,7 @@
 Files (all keyed and sorted by ``sample_id``, written atomically by :func:`semiprune_core.io.write_table`):
 
 - ``manifest.parquet``: what every later stage reads: split, human label, is_labeled, content hash,
-  path, visible flags; class names and the pool's info in the metadata.
+  path, visible flags; ``class_names`` and ``pool_info`` (how the pool was made) in the metadata.
 - ``images.parquet``: the images as fixed-size binary rows; :func:`read_images` maps them back to a
   (N, C, H, W) uint8 array without a copy per row.
 - ``hidden_labels.parquet``: benchmark truth (true labels, mislabeled / ambiguous flags), kept apart so
@@ -201,7 +201,7 @@ def write_prepare_outputs(pool: Pool, out_dir: Path, *, meta: dict) -> dict:
     """
     out_dir = Path(out_dir)
     tables = {MANIFEST: manifest_table(pool), IMAGES: images_table(pool), HIDDEN: hidden_table(pool)}
-    extra = {MANIFEST: {"class_names": pool.classes, "pool": pool.info}, IMAGES: {"image_shape": list(pool.images.shape[1:])}}
+    extra = {MANIFEST: {"class_names": pool.classes, "pool_info": pool.info}, IMAGES: {"image_shape": list(pool.images.shape[1:])}}
     for name, table in tables.items():
         write_table(out_dir / name, table, meta={**meta, **extra.get(name, {})})
     return prepare_metrics(pool)

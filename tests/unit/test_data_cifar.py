@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from semiprune_core.data import UNLABELED, load_cifar
+from semiprune_core.data import UNLABELED, load_cifar, sources
 from semiprune_core.data.safe_pickle import load_pickle
 from semiprune_core.errors import DataError
 
@@ -81,6 +81,19 @@ def test_cifar_missing_files_named(tmp_path):
     (folder / "data_batch_3").unlink()
     with pytest.raises(DataError, match="missing data_batch_3"):
         load_cifar("cifar10", root=tmp_path, download=False)
+
+
+def test_cifar_failed_download_is_folded_into_the_message(tmp_path, monkeypatch):
+    class Offline:
+        class datasets:
+            class CIFAR10:
+                def __init__(self, root, train, download):
+                    raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr(sources, "import_torchvision", lambda: Offline)
+    with pytest.raises(DataError, match=r"missing data_batch_1.*torchvision download into .*Name or service not known"):
+        load_cifar("cifar10", root=tmp_path / "c", download=True)
+    assert not (tmp_path / "c").exists()
 
 
 def test_cifar_label_count_mismatch(tmp_path):

@@ -215,6 +215,13 @@ def test_symlink_outside_root_is_skipped_inside_is_followed(tmp_path, caplog):
     assert "symlink leads outside the root" in caplog.text
 
 
+def test_symlink_loop_inside_root_is_read_once(tmp_path):
+    root = class_tree(tmp_path / "r", {"a": 1})
+    (root / "a" / "again").symlink_to(root / "a", target_is_directory=True)
+    (root / "b").symlink_to(root / "a", target_is_directory=True)
+    assert load(root, tmp_path).sample_ids.tolist() == ["a/img0.png"]
+
+
 def test_non_utf8_names_are_skipped_and_recorded(tmp_path):
     root = class_tree(tmp_path / "r", {"a": 1})
     bad = os.path.join(os.fsencode(root / "a"), b"caf\xe9.png")

@@ -97,7 +97,7 @@ def test_manifest_columns_types_and_metadata(synth_pool, tmp_path):
     assert all(len(h) == 16 for h in table["content_hash"].to_pylist())
     meta = table_meta(tmp_path / "manifest.parquet")
     assert meta["class_names"] == synth_pool.classes and meta["params"] == {"x": 1}
-    assert meta["pool"]["variants"][0]["name"] == "subsample"
+    assert meta["pool_info"]["variants"][0]["name"] == "subsample"
     assert metrics["n"] == {"train": int((synth_pool.split == "train").sum()), "test": 80}
     assert metrics["labeled_per_class"] == {name: 5 for name in synth_pool.classes}
     assert metrics["variants"] == ["subsample", "long_tail", "corrupt"] and metrics["source"] == "synthetic"
