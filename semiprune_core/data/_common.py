@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from .pool import UNLABELED, Pool
 
@@ -41,3 +42,21 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def to_fixed_binary(flat: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """(N, K) uint8 rows -> an Arrow ``fixed_size_binary(K)`` array over the same bytes."""
+    n, width = flat.shape
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(np.ascontiguousarray(flat))])
+
+
+def from_fixed_binary(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A ``fixed_size_binary(K)`` array -> (N, K) uint8, a read-only view on Arrow's memory (null rows
+    hold whatever bytes their slot has)."""
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    width = array.type.byte_width
+    data = np.frombuffer(array.buffers()[1], np.uint8, count=(array.offset + len(array)) * width)
+    rows = data.reshape(-1, width)[array.offset:]
+    rows.flags.writeable = False
+    return rows

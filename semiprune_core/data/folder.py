@@ -46,7 +46,7 @@ from PIL import Image
 
 from ..errors import DataError
 from ..io import PARQUET_OPTIONS, atomic_path
-from ._common import sha256_file
+from ._common import from_fixed_binary, sha256_file, to_fixed_binary
 from .pool import UNLABELED, Pool
 
 log = logging.getLogger(__name__)
@@ -345,13 +345,11 @@ def _read_cache(path: Path, nbytes: int) -> dict:
         if (table.schema.metadata or {}).get(b"cache_version") != _CACHE_VERSION.encode() or \
                 table.schema.field("image").type != pa.binary(nbytes):
             raise ValueError("written by another version")
-        image = table["image"].combine_chunks()
-        data = np.frombuffer(image.buffers()[1], np.uint8, count=(image.offset + len(image)) * nbytes)
         keys = zip(table["path"].to_pylist(), table["size"].to_pylist(), table["mtime_ns"].to_pylist())
         return {
             "rows": {key: i for i, key in enumerate(keys)},
-            "images": data.reshape(-1, nbytes)[image.offset:],
-            "has_image": image.is_valid().to_numpy(zero_copy_only=False),
+            "images": from_fixed_binary(table["image"]),
+            "has_image": table["image"].is_valid().to_numpy(),
             "pixels": table["pixels"].to_numpy(),
             "errors": table["error"].to_pylist(),
         }
@@ -363,9 +361,7 @@ def _read_cache(path: Path, nbytes: int) -> dict:
 
 def _write_cache(path: Path, keys, flat: np.ndarray, has_image: np.ndarray, pixels: np.ndarray,
                  errors: list, *, image_size: int, channels: int) -> None:
-    n, nbytes = flat.shape
-    image = pa.FixedSizeBinaryArray.from_buffers(pa.binary(nbytes), n, [None, pa.py_buffer(np.ascontiguousarray(flat))])
-    image = pc.if_else(pa.array(has_image), image, pa.scalar(None, pa.binary(nbytes)))
+    image = pc.if_else(pa.array(has_image), to_fixed_binary(flat), pa.scalar(None, pa.binary(flat.shape[1])))
     paths, sizes, mtimes = zip(*keys) if keys else ((), (), ())
     table = pa.table({
         "path": pa.array(paths, pa.string()),

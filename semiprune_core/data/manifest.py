@@ -25,6 +25,7 @@ import pyarrow as pa
 from ..config import Data
 from ..errors import DataError
 from ..io import read_table, write_table
+from ._common import from_fixed_binary, to_fixed_binary
 from .labeled import choose_labeled
 from .pool import UNLABELED, Pool
 from .sources import load_source
@@ -114,9 +115,7 @@ def manifest_table(pool: Pool) -> pa.Table:
 def images_table(pool: Pool) -> pa.Table:
     """sample_id + image as ``fixed_size_binary(C*H*W)``; the (C, H, W) shape is in the schema metadata."""
     n, *shape = pool.images.shape
-    width = int(np.prod(shape))
-    flat = np.ascontiguousarray(pool.images, dtype=np.uint8)
-    image = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(flat)])
+    image = to_fixed_binary(pool.images.reshape(n, int(np.prod(shape))))
     table = pa.table({"sample_id": pa.array(pool.sample_ids.astype(str), pa.string()), "image": image})
     return table.replace_schema_metadata({_SHAPE_KEY: json.dumps(shape).encode()})
 
@@ -130,12 +129,7 @@ def read_images(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     raw_shape = (table.schema.metadata or {}).get(_SHAPE_KEY)
     if raw_shape is None or "image" not in table.column_names:
         raise DataError(f"{path} is not a semiprune images table (no image shape)", "re-run the prepare stage")
-    shape = tuple(json.loads(raw_shape))
-    image = table["image"].combine_chunks()
-    width = int(np.prod(shape))
-    data = np.frombuffer(image.buffers()[1], np.uint8, count=(image.offset + len(image)) * width)
-    images = data[image.offset * width:].reshape(len(image), *shape)
-    images.flags.writeable = False  # a view on Arrow's memory
+    images = from_fixed_binary(table["image"]).reshape(-1, *json.loads(raw_shape))
     return table["sample_id"].to_numpy(zero_copy_only=False), images
 
 

@@ -199,15 +199,13 @@ def load_cifar(name: str, *, root: Path | None, download: bool) -> Pool:
     folder = root if (root / meta_file).is_file() else root / sub
     needed = [*train_files, test_file, meta_file]
     missing = [f for f in needed if not (folder / f).is_file()]
+    failure = None
     if missing and download:
         failure = try_download(name, root)
         missing = [f for f in needed if not (folder / f).is_file()]
-        if missing and failure:
-            raise DataError(f"{name} files not found in {folder} (missing {', '.join(missing)}) and the torchvision "
-                            f"download into {root} {failure}",
-                            f"download the CIFAR python version and extract it so that {folder}/ exists")
     if missing:
-        raise DataError(f"{name} files not found in {folder} (missing {', '.join(missing)})",
+        also = f" and the torchvision download into {root} {failure}" if failure else ""
+        raise DataError(f"{name} files not found in {folder} (missing {', '.join(missing)}){also}",
                         f"download the CIFAR python version and extract it so that {folder}/ exists")
 
     meta = _keys_to_str(load_pickle(folder / meta_file), folder / meta_file)
