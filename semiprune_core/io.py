@@ -24,6 +24,8 @@ from .errors import DataError
 
 PARQUET_OPTIONS = dict(compression="zstd", compression_level=3, write_statistics=True)
 META_KEY = b"semiprune"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -32,6 +34,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts get the usual permissions
     os.close(fd)
     tmp = Path(tmp)
     try:
