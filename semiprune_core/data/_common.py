@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -34,14 +32,6 @@ def benchmark_pool(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
         hidden=dict(hidden or {}),
         info={**info, "has_test": True},
     )
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def to_fixed_binary(flat: np.ndarray) -> pa.FixedSizeBinaryArray:

@@ -46,7 +46,8 @@ from PIL import Image
 
 from ..errors import DataError
 from ..io import PARQUET_OPTIONS, atomic_path
-from ._common import from_fixed_binary, sha256_file, to_fixed_binary
+from ..io import sha256_file
+from ._common import from_fixed_binary, to_fixed_binary
 from .pool import UNLABELED, Pool
 
 log = logging.getLogger(__name__)

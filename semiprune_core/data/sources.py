@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,8 @@ from ..config import Data
 from ..errors import DataError
 from .folder import load_imagefolder
 from .idx import read_idx
-from ._common import benchmark_pool, sha256_file
+from ..io import sha256_file
+from ._common import benchmark_pool
 from .pool import Pool
 from .safe_pickle import load_pickle
 from .synthetic import make_synthetic
