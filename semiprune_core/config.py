@@ -95,7 +95,32 @@ class Data(Section):
     labeled: Labeled = Labeled()
 
 
-SECTIONS: dict[str, type[Section]] = {"base": Base, "data": Data}
+class SSL(Section):
+    """ssl_train: semi-supervised training of the labeling model (see METHODS.md, SemiPrune)."""
+
+    algorithm: Literal["fixmatch", "flexmatch", "freematch", "supervised"] = "fixmatch"
+    model: str = "fastcnn"
+    epochs: int = Field(10, ge=1, description="passes over the unlabeled pool (supervised: the same steps)")
+    batch_size: int = Field(64, ge=1, description="labeled batch B; the unlabeled batch is mu * B")
+    mu: int = Field(7, ge=1)
+    threshold: float = Field(0.95, gt=0, le=1, description="confidence threshold tau")
+    lambda_u: float = Field(1.0, ge=0)
+    ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA of the weights; the EMA model labels the pool")
+    freematch_momentum: float = Field(0.999, gt=0, lt=1)
+    lr: float = Field(0.03, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    warmup: float = Field(0.0, ge=0, lt=1)
+    max_seconds: float | None = Field(None, gt=0, description="wall-clock guard on training; null = none")
+
+
+class Pseudo(Section):
+    """pseudo_label: label every train sample with the SSL model on un-augmented images."""
+
+    batch_size: int = Field(1024, ge=1)
+
+
+SECTIONS: dict[str, type[Section]] = {"base": Base, "data": Data, "ssl": SSL, "pseudo": Pseudo}
 
 
 def register_section(name: str, model: type[Section]) -> None:

@@ -35,6 +35,10 @@ class StageContext:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    @property
+    def log(self) -> logging.Logger:
+        return logging.getLogger(f"semiprune.{self.name}")
+
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
