@@ -46,7 +46,7 @@ from .augment import VIEWS, apply_view
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
 # --- device and input -----------------------------------------------------------------------------
@@ -181,7 +181,10 @@ class Objective(Protocol):
     """What :func:`fit` trains: the data, how an epoch is batched and augmented, and the loss.
 
     ``batches`` must draw all randomness from ``generator`` (seeded per epoch by the engine) so that
-    runs are reproducible and resumable; the objective keeps no state between epochs.
+    runs are reproducible and resumable. An objective that keeps state across steps (e.g. FlexMatch's
+    per-sample learning status) may also define ``state_dict()`` / ``load_state_dict(state)`` (plain
+    tensors and values): :func:`fit` then stores that state in every checkpoint and restores it on
+    resume. Hooks may do the same.
     """
 
     def to(self, device: torch.device) -> "Objective":
@@ -424,8 +427,10 @@ def fit(
     seed            seeds batch order and augmentation per epoch (initial weights are the caller's)
     device          "auto" | "cpu" | "cuda" | torch.device; the model and objective data move there once
     hooks           objects with any of the :class:`Hook` methods, called in order
-    checkpoint_dir  if set, the state after every epoch is saved (atomically) to
-                    ``checkpoint_dir/checkpoint.pt`` and a later call with the same ``run_key``,
+    checkpoint_dir  if set, the state after every epoch (model, optimizer, EMA, and the state of
+                    an objective or hook that has ``state_dict``) is saved atomically to
+                    ``checkpoint_dir/checkpoint.pt`` (plain state dicts, read back with
+                    ``weights_only=True``), and a later call with the same ``run_key``,
                     schedule, seed, model shapes and objective size resumes from it, ending with the
                     same weights as an uninterrupted run. A damaged or foreign checkpoint is logged
                     and ignored. On success it is deleted unless ``keep_checkpoint`` (a kept
@@ -463,13 +468,14 @@ def fit(
     history: list[dict[str, float]] = []
     start_epoch, sample_passes, train_seconds, resumed = 0, 0, 0.0, False
     ckpt_path = key = None
+    parts = _stateful(model, optimizer, ema_model, objective, hooks)
     if checkpoint_dir is not None:
         ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME
         key = _effective_key(run_key, schedule, seed, model, objective)
         state = _read_checkpoint(ckpt_path, key)
-        restored = None if state is None else _restore(state, model, optimizer, ema_model, ckpt_path)
+        restored = None if state is None else _restore(state, parts, ckpt_path)
         if restored is not None:
-            start_epoch, history = restored["start_epoch"], restored["history"]
+            start_epoch, history = restored["epoch"] + 1, restored["history"]
             sample_passes, train_seconds, resumed = restored["sample_passes"], restored["train_seconds"], True
             logger.info("%s: resuming from %s after epoch %d/%d", desc, ckpt_path, start_epoch, schedule.epochs)
 
@@ -553,7 +559,8 @@ def fit(
                 record["img_per_s"], seconds, train_seconds,
             )
             if ckpt_path is not None:
-                _save_checkpoint(ckpt_path, key, epoch, model, optimizer, ema_model, history, sample_passes, train_seconds)
+                progress_state = {"epoch": epoch, "history": history, "sample_passes": sample_passes, "train_seconds": train_seconds}
+                _save_checkpoint(ckpt_path, key, parts, progress_state)
     finally:
         bar.close()
 
@@ -579,45 +586,47 @@ def _over_budget(schedule: Schedule, history: list[dict], train_seconds: float) 
     return train_seconds + slowest > schedule.max_seconds
 
 
-def _save_checkpoint(path, key, epoch, model, optimizer, ema_model, history, sample_passes, train_seconds) -> None:
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "run_key": key,
-        "epoch": epoch,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "ema": ema_model.state_dict() if ema_model is not None else None,
-        "history": history,
-        "sample_passes": sample_passes,
-        "train_seconds": train_seconds,
-    }
+def _stateful(model, optimizer, ema_model, objective, hooks) -> dict[str, Any]:
+    """Everything whose state a checkpoint holds, by name; objectives and hooks take part when
+    they have ``state_dict``/``load_state_dict`` (e.g. FlexMatch's per-sample learning status)."""
+    parts: dict[str, Any] = {"model": model, "optimizer": optimizer}
+    if ema_model is not None:
+        parts["ema"] = ema_model
+    candidates = [("objective", objective)] + [(f"hook{i}", h) for i, h in enumerate(hooks)]
+    for name, obj in candidates:
+        if callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None)):
+            parts[name] = obj
+    return parts
+
+
+def _save_checkpoint(path: Path, key: str, parts: dict[str, Any], progress: dict[str, Any]) -> None:
+    state = {"format": CHECKPOINT_FORMAT, "run_key": key, **progress,
+             "state": {name: obj.state_dict() for name, obj in parts.items()}}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def _restore(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, ema_model: nn.Module | None, path: Path) -> dict | None:
+def _restore(state: dict, parts: dict[str, Any], path: Path) -> dict | None:
     """Load a checkpoint into the live objects and return its bookkeeping; on any mismatch put the
     fresh state back, log, and return None (start fresh)."""
-    fresh = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()),
-             copy.deepcopy(ema_model.state_dict()) if ema_model is not None else None)
+    fresh = {name: copy.deepcopy(obj.state_dict()) for name, obj in parts.items()}
     try:
         progress = {
-            "start_epoch": int(state["epoch"]) + 1,
+            "epoch": int(state["epoch"]),
             "history": [dict(h) for h in state["history"]],
             "sample_passes": int(state["sample_passes"]),
             "train_seconds": float(state["train_seconds"]),
         }
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema_model is not None:
-            ema_model.load_state_dict(state["ema"])
+        saved = state["state"]
+        if set(saved) != set(parts):
+            raise KeyError(f"checkpoint holds {sorted(saved)}, this run has {sorted(parts)}")
+        for name, obj in parts.items():
+            obj.load_state_dict(saved[name])
         return progress
     except Exception as err:  # missing keys, wrong shapes, wrong types
         logger.warning("ignoring checkpoint %s: its state does not fit (%s: %s); starting fresh", path, type(err).__name__, err)
-        model.load_state_dict(fresh[0])
-        optimizer.load_state_dict(fresh[1])
-        if ema_model is not None:
-            ema_model.load_state_dict(fresh[2])
+        for name, obj in parts.items():
+            obj.load_state_dict(fresh[name])
         return None
 
 

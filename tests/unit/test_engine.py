@@ -155,6 +155,34 @@ def test_resume_after_an_exception_matches_an_uninterrupted_run(data, tmp_path):
     assert not (tmp_path / CHECKPOINT_NAME).exists()  # deleted after success
 
 
+class CountingObjective(SupervisedObjective):
+    """An objective with state across steps (like FlexMatch's learning status): a per-sample visit count."""
+
+    def __init__(self, x, y):
+        super().__init__(x, y)
+        self.visits = torch.zeros(len(x), dtype=torch.long)
+
+    def loss(self, model, batch):
+        self.visits[batch.rows] += 1
+        return super().loss(model, batch)
+
+    def state_dict(self):
+        return {"visits": self.visits.clone()}
+
+    def load_state_dict(self, state):
+        self.visits = state["visits"].clone()
+
+
+def test_objective_state_is_checkpointed_and_restored(data, tmp_path):
+    x, y = data
+    with pytest.raises(Crash):
+        fit(mlp(), CountingObjective(x, y), SCHEDULE, seed=0, device="cpu", hooks=[CrashAt(3)], checkpoint_dir=tmp_path, run_key="k")
+    objective = CountingObjective(x, y)
+    result = fit(mlp(), objective, SCHEDULE, seed=0, device="cpu", checkpoint_dir=tmp_path, run_key="k")
+    assert result.start_epoch == 3
+    assert torch.equal(objective.visits, torch.full((len(x),), SCHEDULE.epochs))
+
+
 KILLED_RUN = textwrap.dedent(
     """
     import os, signal, sys, torch
