@@ -34,8 +34,10 @@ class ModelSpec:
 
 def save_model(path: str | os.PathLike, model: nn.Module, spec: ModelSpec) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, "spec": asdict(spec), "state_dict": state}, tmp)
+    # Saved through a file object: given a path, torch.save names the archive's inner folder after
+    # the (random, temporary) file name, and identical weights would give different bytes.
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save({"format": FORMAT, "spec": asdict(spec), "state_dict": state}, fh)
 
 
 def load_model(path: str | os.PathLike, *, stage: str = "its stage") -> tuple[nn.Module, ModelSpec]:
