@@ -104,7 +104,9 @@ class Schedule:
     lr             peak learning rate (> 0); SGD, Nesterov momentum
     warmup         fraction of all steps over which lr rises linearly to ``lr``; then cosine to 0
     weight_decay   applied to conv/linear weights only (not to biases or BatchNorm)
-    ema_decay      keep an exponential moving average of the weights (FixMatch: 0.999); None = off
+    ema_decay      keep an exponential moving average of the weights (FixMatch: 0.999); None = off.
+                   Step t uses min(ema_decay, (1 + t) / (10 + t)) (the usual warm-up), so a short run's
+                   EMA follows the trained weights instead of staying near the initial ones.
     max_seconds    wall-clock guard: an epoch is not started when, at the pace of the slowest epoch so
                    far, it would end past the budget (the first epoch always runs). The lr schedule is *not*
                    rescaled, so a run that hits the guard ends un-annealed and is flagged
@@ -519,7 +521,7 @@ def fit(
                 out.loss.backward()
                 optimizer.step()
                 if ema_model is not None:
-                    _ema_update(ema_model, model, schedule.ema_decay)
+                    _ema_update(ema_model, model, min(schedule.ema_decay, (1 + step) / (10 + step)))
                 step += 1
                 n_steps += 1
                 n_passes += out.n_samples

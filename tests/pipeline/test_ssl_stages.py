@@ -17,7 +17,8 @@ from semiprune_core.io import table_meta, write_table
 from .conftest import run_cli
 
 TINY = ["--profile", "synthetic", "--set", "data.synthetic.n_train=600", "--set", "data.synthetic.n_test=200",
-        "--set", "data.labeled.per_class=5", "--set", "ssl.epochs=2", "--name", "tiny"]
+        "--set", "data.labeled.per_class=5", "--set", "ssl.epochs=3", "--set", "ssl.batch_size=8",
+        "--name", "tiny"]
 
 
 def sha(path) -> str:
@@ -42,7 +43,7 @@ def test_pipeline_writes_model_pseudo_labels_and_metrics(project):
     assert (table.loc[human, "target"].to_numpy() == labeled["label"].to_numpy()).all(), "human labels win"
     assert (table.loc[~human, "target"] == table.loc[~human, "pseudo_label"]).all()
     ssl = json.loads((ws / "metrics/ssl.json").read_text())
-    assert ssl["labeled"] == 50 and ssl["unlabeled"] == 550 and ssl["epochs"] == 2 and ssl["sample_passes"] > 0
+    assert ssl["labeled"] == 50 and ssl["unlabeled"] == 550 and ssl["epochs"] == 3 and ssl["sample_passes"] > 0
     assert 0 <= ssl["test_accuracy"] <= 1
     pseudo = json.loads((ws / "metrics/pseudo.json").read_text())
     assert sum(pseudo["target_histogram"].values()) == 600

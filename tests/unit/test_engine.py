@@ -285,12 +285,13 @@ def test_ema_is_the_weighted_average_of_the_weights(data):
     x, y = data
     model = cnn()
     start = weights(model)
-    # one epoch of one step: ema = d * start + (1 - d) * trained for parameters, buffers copied
+    # one epoch of one step: ema = d * start + (1 - d) * trained for parameters, buffers copied,
+    # with the warm-up decay d = min(ema_decay, (1 + step) / (10 + step)) = 0.1 at step 0
     result = fit(model, SupervisedObjective(x, y), Schedule(epochs=1, batch_size=len(x), lr=0.1, ema_decay=0.75), seed=0, device="cpu")
     trained, ema = weights(result.model), weights(result.ema_model)
     params = {name for name, _ in result.model.named_parameters()}
     for name in params:
-        torch.testing.assert_close(ema[name], 0.75 * start[name] + 0.25 * trained[name])
+        torch.testing.assert_close(ema[name], 0.1 * start[name] + 0.9 * trained[name])
     assert not torch.equal(ema["head.weight"], trained["head.weight"])
     for name in set(trained) - params:
         assert torch.equal(ema[name], trained[name])  # BatchNorm statistics
