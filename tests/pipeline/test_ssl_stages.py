@@ -80,3 +80,36 @@ def test_threshold_out_of_range_is_refused_before_anything_runs(project):
     assert proc.returncode == 2 and "ssl.threshold" in proc.stderr
     proc = run_cli(project, "run", *TINY[:-2], "--set", "ssl.epochs=0")
     assert proc.returncode == 2 and "ssl.epochs" in proc.stderr
+
+
+def test_killed_ssl_train_resumes_from_its_checkpoint_and_ends_identical(project):
+    import signal
+    import time
+
+    args = [a if a != "ssl.epochs=3" else "ssl.epochs=6" for a in TINY]
+    run_cli(project, "run", *args, check=True)
+    ws = project / "runs" / "tiny"
+    model = ws / "artifacts/ssl/model.pt"
+    uninterrupted = sha(model)
+
+    checkpoint = ws / ".semiprune/scratch/ssl_train/checkpoint.pt"
+    env = dict(os.environ, SEMIPRUNE_LOG_LEVEL="WARNING")
+    proc = subprocess.Popen([sys.executable, "-m", "tasks.ssl_train"], cwd=ws, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before it could be killed; give it more epochs"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    run_stage(ws, "ssl_train")
+    metrics = json.loads((ws / "metrics/ssl.json").read_text())
+    assert metrics["resumed_from_epoch"] is not None and metrics["resumed_from_epoch"] >= 1
+    assert sha(model) == uninterrupted
+    assert not checkpoint.exists(), "a finished run cleans up its checkpoint"
+
+
+def test_mu_must_be_positive(project):
+    proc = run_cli(project, "run", *TINY[:-2], "--set", "ssl.mu=0")
+    assert proc.returncode == 2 and "ssl.mu" in proc.stderr
