@@ -1,8 +1,10 @@
 """A small CNN shaped for speed on a CPU: narrow at full resolution, wide at low resolution.
 
 On 28x28 input the spatial sizes are 28 -> 14 -> 7 -> 3 (32 -> 16 -> 8 -> 4 for 32x32). Cost is
-dominated by the full-resolution layers, so the stem stays narrow and each 2x downsampling
-(max-pool *before* the conv) buys room to double the width.
+dominated by the full-resolution layers, so the first conv stays narrow and each 2x downsampling
+buys room to double the width. Each stage is conv -> max-pool -> BatchNorm -> ReLU (airbench's
+order): BatchNorm and ReLU then run on the pooled, 4x smaller tensor, which measured about 1.6x
+faster per training step on a 2-core CPU than pooling before the conv, for the same conv cost.
 """
 
 from __future__ import annotations
@@ -13,25 +15,39 @@ from .base import Classifier
 from .registry import register_model
 
 
-def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+def _stage(c_in: int, c_out: int, *, pool: bool, depth: int) -> list[nn.Module]:
+    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    layers += [nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    for _ in range(depth - 1):
+        layers += [nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+    return layers
 
 
 class FastCNN(Classifier):
-    """stem conv(widths[0]) at full resolution, then per further width: max-pool 2, ``depth`` conv-BN-ReLU.
+    """One stage per width: conv3x3 -> max-pool 2 (all but the last stage) -> BN -> ReLU, plus
+    ``depth - 1`` extra conv-BN-ReLU at the pooled resolution. Global max-pool + linear head.
+    ``features(x)``: (B, widths[-1]).
 
-    Global max-pool + linear head. ``features(x)``: (B, widths[-1]).
+    ``stem="s2d"`` replaces the first stage's full-resolution conv + pool by a space-to-depth
+    rearrangement (each 2x2 pixel block becomes 4 channels) and a conv at half resolution: the same
+    spatial sizes afterwards, no full-resolution activation at all.
     """
 
-    def __init__(self, *, in_channels: int, num_classes: int, widths: tuple[int, ...], depth: int = 1):
+    def __init__(self, *, in_channels: int, num_classes: int, widths: tuple[int, ...], depth: int = 1, stem: str = "conv"):
         super().__init__()
         if len(widths) < 2 or depth < 1:
             raise ValueError("fastcnn needs at least two widths and depth >= 1")
-        layers: list[nn.Module] = [_conv_bn(in_channels, widths[0])]
-        for c_in, c_out in zip(widths[:-1], widths[1:]):
-            layers.append(nn.MaxPool2d(2))
-            layers.append(_conv_bn(c_in, c_out))
-            layers.extend(_conv_bn(c_out, c_out) for _ in range(depth - 1))
+        if stem not in ("conv", "s2d"):
+            raise ValueError(f"fastcnn stem must be 'conv' or 's2d', got {stem!r}")
+        if stem == "s2d":
+            layers: list[nn.Module] = [nn.PixelUnshuffle(2)]
+            layers += _stage(4 * in_channels, widths[0], pool=False, depth=depth)
+        else:
+            layers = _stage(in_channels, widths[0], pool=True, depth=depth)
+        for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:]), start=1):
+            layers += _stage(c_in, c_out, pool=i < len(widths) - 1, depth=depth)
         self.body = nn.Sequential(*layers)
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.head = nn.Linear(widths[-1], num_classes)
@@ -40,12 +56,21 @@ class FastCNN(Classifier):
         return self.pool(self.body(x)).flatten(1)
 
 
-FASTCNN_WIDTHS = (16, 32, 64, 128)
+def _fastcnn(default_widths: tuple[int, ...], default_stem: str = "conv"):
+    def factory(
+        *, in_channels: int, num_classes: int, image_size: int,
+        widths: tuple[int, ...] = default_widths, depth: int = 1, stem: str = default_stem,
+    ) -> FastCNN:
+        if image_size < 2 ** (len(widths) - 1) or (stem == "s2d" and image_size % 2):
+            raise ValueError(f"fastcnn with {len(widths)} widths needs an image_size >= {2 ** (len(widths) - 1)} (even for stem 's2d')")
+        return FastCNN(in_channels=in_channels, num_classes=num_classes, widths=tuple(widths), depth=depth, stem=stem)
+
+    factory.__doc__ = f"FastCNN with widths {default_widths}, stem {default_stem!r} (override with ``widths=``, ``depth=``, ``stem=``)."
+    return factory
 
 
-@register_model("fastcnn")
-def fastcnn(*, in_channels: int, num_classes: int, image_size: int, widths: tuple[int, ...] = FASTCNN_WIDTHS, depth: int = 1) -> FastCNN:
-    """Fast CNN for 28x28 / 32x32 input (any size >= 2 ** (len(widths) - 1))."""
-    if image_size < 2 ** (len(widths) - 1):
-        raise ValueError(f"fastcnn with {len(widths)} widths needs image_size >= {2 ** (len(widths) - 1)}")
-    return FastCNN(in_channels=in_channels, num_classes=num_classes, widths=tuple(widths), depth=depth)
+# Measured on Fashion-MNIST, 2-core CPU, batch 256 (benchmarks/bench_engine.py): fastcnn_s trains at
+# ~24k img/s (92.1% test accuracy after 16 epochs, ~42 s); fastcnn at ~14k img/s (92.6% after 10 epochs).
+fastcnn_s = register_model("fastcnn_s")(_fastcnn((8, 16, 32, 64)))
+fastcnn = register_model("fastcnn")(_fastcnn((16, 32, 64, 128)))
+fastcnn_l = register_model("fastcnn_l")(_fastcnn((32, 64, 128, 256)))

@@ -67,23 +67,31 @@ def _reflect(i: Tensor, n: int) -> Tensor:
     return torch.where(i >= n, period - i, i)
 
 
-def pad_crop(x: Tensor, generator: torch.Generator, *, padding: int, mode: str = "reflect") -> Tensor:
+def pad_crop(
+    x: Tensor, generator: torch.Generator, *, padding: int, mode: str = "reflect", flip_p: float = 0.0
+) -> Tensor:
     """Pad by ``padding`` pixels and crop back at a random offset: a per-sample translation.
 
     Equivalent to torchvision's ``RandomCrop(size, padding, padding_mode=mode)`` applied per sample,
     but done as one gather: each output pixel reads input pixel (y + dy, x + dx) with
     dy, dx uniform in [-padding, padding]; outside the image it reads the reflection
-    (``mode="reflect"``) or zero (``mode="zeros"``).
+    (``mode="reflect"``) or zero (``mode="zeros"``). With ``flip_p`` > 0 each sample is also
+    mirrored left-right with that probability inside the same gather (the weak view in one pass).
     """
     _check(x)
     if mode not in ("reflect", "zeros"):
         raise ValueError(f"mode must be 'reflect' or 'zeros', got {mode!r}")
-    if padding <= 0:
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    if padding == 0 and flip_p == 0:
         return x.clone()
     b, c, h, w = x.shape
     shift = torch.randint(-padding, padding + 1, (2, b), generator=generator, device=x.device)
-    rows = torch.arange(h, device=x.device) + shift[0, :, None]  # (B, H)
+    rows = torch.arange(h, device=x.device) + shift[0, :, None]  # (B, H) source row of each output row
     cols = torch.arange(w, device=x.device) + shift[1, :, None]  # (B, W)
+    if flip_p > 0:
+        flip = _uniform(b, generator, x.device) < flip_p
+        cols = torch.where(flip[:, None], cols.flip(1), cols)
     if mode == "reflect":
         rows_src, cols_src = _reflect(rows, h), _reflect(cols, w)
     else:
@@ -288,9 +296,9 @@ def default_padding(image_size: int) -> int:
 
 
 def weak_view(x: Tensor, generator: torch.Generator, *, padding: int | None = None) -> Tensor:
-    """Flip + reflect-pad-and-crop."""
+    """Flip (p = 0.5) + reflect-pad-and-crop, as one gather."""
     padding = default_padding(x.shape[-1]) if padding is None else padding
-    return pad_crop(hflip(x, generator), generator, padding=padding, mode="reflect")
+    return pad_crop(x, generator, padding=padding, mode="reflect", flip_p=0.5)
 
 
 def strong_view(

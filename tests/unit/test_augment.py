@@ -178,3 +178,19 @@ def test_unknown_view_is_a_config_error():
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="C, H, W"):
         A.hflip(torch.zeros(2, 2, 8, 8, dtype=torch.uint8), gen())
+
+
+@pytest.mark.parametrize("mode,torch_mode", [("reflect", "reflect"), ("zeros", "constant")])
+def test_weak_view_is_a_translation_of_the_image_or_its_mirror(mode, torch_mode):
+    x = images(n=48, c=3, size=10)
+    out = A.pad_crop(x, gen(0), padding=2, mode=mode, flip_p=0.5)
+    padded = F.pad(x.float(), (2,) * 4, mode=torch_mode).to(torch.uint8)
+    mirrored = F.pad(x.flip(-1).float(), (2,) * 4, mode=torch_mode).to(torch.uint8)
+    plain = [_find_shift(o, p, 2, 10) is not None for o, p in zip(out, padded)]
+    flipped = [_find_shift(o, p, 2, 10) is not None for o, p in zip(out, mirrored)]
+    assert all(a or b for a, b in zip(plain, flipped))
+    assert 5 < sum(flipped) and 5 < sum(plain)
+    if mode == "reflect":  # the weak view is flip + reflect-pad-and-crop
+        weak = A.weak_view(x, gen(0), padding=2)
+        assert all(_find_shift(o, p, 2, 10) is not None or _find_shift(o, q, 2, 10) is not None
+                   for o, p, q in zip(weak, padded, mirrored))
