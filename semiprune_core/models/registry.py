@@ -6,7 +6,8 @@ A factory registered with :func:`register_model` takes keyword-only ``in_channel
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -11,7 +11,7 @@ from semiprune_core.models import Classifier, create_model, list_models, registe
 
 
 def test_list_models_names_the_built_in_models():
-    assert {"fastcnn", "resnet18_cifar", "mlp"} <= set(list_models())
+    assert {"fastcnn", "fastcnn_s", "fastcnn_l", "resnet18_cifar", "mlp"} <= set(list_models())
     assert list_models() == sorted(list_models())
 
 
@@ -34,7 +34,7 @@ def test_registering_a_name_twice_is_refused():
         register_model("mlp")(lambda **kw: nn.Identity())
 
 
-@pytest.mark.parametrize("name", ["fastcnn", "resnet18_cifar", "mlp"])
+@pytest.mark.parametrize("name", ["fastcnn", "fastcnn_s", "fastcnn_l", "resnet18_cifar", "mlp"])
 @pytest.mark.parametrize("channels,size", [(1, 28), (3, 32), (3, 28), (1, 32)])
 def test_output_and_feature_shapes(name, channels, size):
     model = create_model(name, in_channels=channels, num_classes=7, image_size=size, seed=0).eval()
@@ -52,6 +52,8 @@ def test_output_and_feature_shapes(name, channels, size):
 def test_expected_feature_widths():
     assert create_model("fastcnn", in_channels=1, num_classes=10, image_size=28).num_features == 128
     assert create_model("fastcnn", in_channels=1, num_classes=10, image_size=28, widths=(8, 16, 32)).num_features == 32
+    assert create_model("fastcnn_s", in_channels=1, num_classes=10, image_size=28).num_features == 64
+    assert create_model("fastcnn_l", in_channels=3, num_classes=10, image_size=32).num_features == 256
     assert create_model("resnet18_cifar", in_channels=3, num_classes=10, image_size=32).num_features == 512
     assert create_model("mlp", in_channels=1, num_classes=10, image_size=28, hidden=64).num_features == 64
 
@@ -66,6 +68,17 @@ def test_resnet18_cifar_keeps_resolution_in_the_stem():
 def test_fastcnn_refuses_images_too_small_for_its_depth():
     with pytest.raises(ValueError, match="image_size"):
         create_model("fastcnn", in_channels=1, num_classes=10, image_size=4)
+    with pytest.raises(ValueError, match="even"):
+        create_model("fastcnn_s", in_channels=1, num_classes=10, image_size=27)
+
+
+def test_fastcnn_stems_keep_full_resolution_activations_out_of_s2d():
+    x = torch.randn(2, 3, 32, 32)
+    conv = create_model("fastcnn", in_channels=3, num_classes=10, image_size=32, widths=(8, 16, 32, 64))
+    s2d = create_model("fastcnn", in_channels=3, num_classes=10, image_size=32, widths=(8, 16, 32, 64), stem="s2d")
+    assert s2d.body[1].in_channels == 12 and s2d.body[1].stride == (1, 1)
+    assert conv.body(x).shape == s2d.body(x).shape == (2, 64, 4, 4)
+    assert create_model("fastcnn_s", in_channels=1, num_classes=10, image_size=28).body[0].__class__.__name__ == "PixelUnshuffle"
 
 
 def test_seeded_init_is_reproducible_and_leaves_global_rng_alone():
