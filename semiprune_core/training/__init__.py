@@ -1,6 +1,15 @@
 """One training engine (:func:`fit`) with batched tensor augmentation; see :mod:`.engine` and :mod:`.augment`."""
 
-from .augment import VIEWS, apply_view, cutout, hflip, pad_crop, randaugment, strong_view, weak_view
+from .augment import (
+    VIEWS,
+    apply_view,
+    cutout,
+    hflip,
+    pad_crop,
+    randaugment,
+    strong_view,
+    weak_view,
+)
 from .engine import (
     FitResult,
     Hook,
@@ -16,7 +25,23 @@ from .engine import (
 )
 
 __all__ = [
-    "VIEWS", "apply_view", "cutout", "hflip", "pad_crop", "randaugment", "strong_view", "weak_view",
-    "FitResult", "Hook", "Objective", "Schedule", "StepOutput", "SupervisedObjective",
-    "evaluate", "fit", "predict", "resolve_device", "to_float",
+    "VIEWS",
+    "FitResult",
+    "Hook",
+    "Objective",
+    "Schedule",
+    "StepOutput",
+    "SupervisedObjective",
+    "apply_view",
+    "cutout",
+    "evaluate",
+    "fit",
+    "hflip",
+    "pad_crop",
+    "predict",
+    "randaugment",
+    "resolve_device",
+    "strong_view",
+    "to_float",
+    "weak_view",
 ]

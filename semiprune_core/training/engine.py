@@ -28,9 +28,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -189,7 +190,7 @@ class Objective(Protocol):
     resume. Hooks may do the same.
     """
 
-    def to(self, device: torch.device) -> "Objective":
+    def to(self, device: torch.device) -> Objective:
         """Move the data to ``device`` once (return self)."""
         ...
 
@@ -261,7 +262,7 @@ class SupervisedObjective:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def to(self, device: torch.device) -> "SupervisedObjective":
+    def to(self, device: torch.device) -> SupervisedObjective:
         self.images = self.images.to(device)
         self.targets = self.targets.to(device)
         self.ids = self.ids.to(device)
@@ -343,7 +344,7 @@ def _read_checkpoint(path: Path, key: str) -> dict | None:
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a damaged file
+    except Exception as err:  # noqa: BLE001  (torch raises many types for a damaged file)
         logger.warning("ignoring unreadable checkpoint %s (%s: %s); starting fresh", path, type(err).__name__, err)
         return None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
@@ -625,7 +626,7 @@ def _restore(state: dict, parts: dict[str, Any], path: Path) -> dict | None:
         for name, obj in parts.items():
             obj.load_state_dict(saved[name])
         return progress
-    except Exception as err:  # missing keys, wrong shapes, wrong types
+    except Exception as err:  # noqa: BLE001  (missing keys, wrong shapes, wrong types)
         logger.warning("ignoring checkpoint %s: its state does not fit (%s: %s); starting fresh", path, type(err).__name__, err)
         for name, obj in parts.items():
             obj.load_state_dict(fresh[name])

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from semiprune_core.errors import ConfigError
 from semiprune_core.models import create_model
-from semiprune_core.training import Hook, Schedule, SupervisedObjective, evaluate, fit, predict, resolve_device, to_float
+from semiprune_core.training import (
+    Hook,
+    Schedule,
+    SupervisedObjective,
+    evaluate,
+    fit,
+    predict,
+    resolve_device,
+    to_float,
+)
 from semiprune_core.training.engine import CHECKPOINT_NAME
 
 SIZE, CLASSES = 16, 3
@@ -209,7 +218,7 @@ def test_resume_after_sigkill_in_a_subprocess(data, tmp_path):
     x, y = data
     torch.save((x, y), tmp_path / "data.pt")
     ckpt_dir = tmp_path / "scratch"
-    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, str(tmp_path / "data.pt"), str(ckpt_dir)], capture_output=True)
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, str(tmp_path / "data.pt"), str(ckpt_dir)], capture_output=True, check=False)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert (ckpt_dir / CHECKPOINT_NAME).exists()
     assert not [p for p in ckpt_dir.iterdir() if p.name != CHECKPOINT_NAME]  # no partial temp files left behind
@@ -340,8 +349,8 @@ def test_sample_weights_scale_the_loss(data):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(epochs=0), dict(epochs=-2), dict(epochs=1.5), dict(batch_size=0), dict(batch_size=-8), dict(lr=0),
-     dict(lr=-0.1), dict(warmup=1.0), dict(ema_decay=1.0), dict(max_seconds=0), dict(momentum=0.0)],
+    [{"epochs": 0}, {"epochs": -2}, {"epochs": 1.5}, {"batch_size": 0}, {"batch_size": -8}, {"lr": 0}, {"lr": -0.1},
+     {"warmup": 1.0}, {"ema_decay": 1.0}, {"max_seconds": 0}, {"momentum": 0.0}],
 )
 def test_bad_schedule_values_are_config_errors(kwargs):
     with pytest.raises(ConfigError):
@@ -352,7 +361,7 @@ def test_lr_schedule_warms_up_then_anneals_to_zero():
     s = Schedule(epochs=1, lr=0.2, warmup=0.1)
     lrs = [s.lr_at(i, 100) for i in range(100)]
     assert 0 < lrs[0] < lrs[5] < lrs[9] == pytest.approx(0.2)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
     assert lrs[-1] < 1e-3
 
 
