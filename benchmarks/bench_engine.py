@@ -1,0 +1,295 @@
+"""Benchmark of the training engine on Fashion-MNIST (60k train / 10k test, 28x28, CPU by default).
+
+(a) accuracy under a wall-clock budget: ``fastcnn_s`` trained with :func:`fit` (weak view = flip +
+    pad-and-crop by 1 px, batch 512, Nesterov SGD, 5% warmup + cosine) for a fixed epoch count
+    sized to fit the budget on a quiet 2-core CPU with ~2.5x headroom. The schedule's
+    ``max_seconds`` guard stops it (un-annealed, flagged) if the machine is much slower. Reports the
+    exact training wall time and the final-epoch test accuracy.
+(b) throughput, same model and batch size: the engine (uint8 tensor on the device, batched weak
+    view with padding 2) against a plain loop over a torchvision ``DataLoader`` whose ``Dataset``
+    applies v2 transforms per sample (RandomHorizontalFlip, RandomCrop(28, padding=2), ToDtype,
+    Normalize) with num_workers 0 and 2, and over the stock ``torchvision.datasets.FashionMNIST``
+    (PIL per sample). Same model in the same memory format (channels_last) in every loop. The ratio
+    uses the fastest baseline. Also the input pipelines alone (no model), for reference.
+
+    python benchmarks/bench_engine.py [--budget-seconds 120] [--json out.json] [--skip-throughput]
+
+Threads: torch's default (all cores) unless ``--threads`` is given. Timings on a shared machine are
+noisy; compare ratios measured in one run. ``--model``, ``--widths``, ``--depth`` and ``--stem``
+measure other fastcnn shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib
+import json
+import logging
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from semiprune_core.compat import import_torchvision
+from semiprune_core.data.idx import read_idx
+from semiprune_core.models import create_model
+from semiprune_core.training import (
+    Schedule,
+    SupervisedObjective,
+    evaluate,
+    fit,
+    resolve_device,
+    to_float,
+)
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+SEED = 0
+
+
+def load_fashion(root: Path = FASHION) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(60000, 1, 28, 28) uint8, (60000,) int64, (10000, 1, 28, 28) uint8, (10000,) int64."""
+
+    def images(name: str) -> torch.Tensor:
+        return torch.from_numpy(read_idx(root / name).copy()).unsqueeze(1)
+
+    def labels(name: str) -> torch.Tensor:
+        return torch.from_numpy(read_idx(root / name).astype(np.int64))
+
+    return (
+        images("train-images-idx3-ubyte.gz"),
+        labels("train-labels-idx1-ubyte.gz"),
+        images("t10k-images-idx3-ubyte.gz"),
+        labels("t10k-labels-idx1-ubyte.gz"),
+    )
+
+
+def model_for(args: argparse.Namespace) -> torch.nn.Module:
+    options = {"depth": args.depth, **({"widths": tuple(args.widths)} if args.widths else {})}
+    if args.stem:
+        options["stem"] = args.stem
+    return create_model(args.model, in_channels=1, num_classes=10, image_size=28, seed=SEED, **options)
+
+
+def describe_model(args: argparse.Namespace) -> str:
+    model = model_for(args)
+    widths = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    return f"{args.model} (conv widths {widths}, {sum(p.numel() for p in model.parameters()):,} params)"
+
+
+# --- (a) accuracy within a budget ---------------------------------------------------------------------
+
+
+def bench_accuracy(args, x_train, y_train, x_test, y_test, device) -> dict:
+    schedule = Schedule(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+        weight_decay=args.weight_decay, max_seconds=args.budget_seconds,
+    )
+    objective = SupervisedObjective(x_train, y_train, view="weak", padding=args.padding, label_smoothing=args.label_smoothing)
+    model = model_for(args)
+    result = fit(model, objective, schedule, seed=SEED, device=device, desc="bench")
+    t0 = time.perf_counter()
+    test_acc = evaluate(result.model, x_test, y_test, batch_size=2000)
+    return {
+        "model": describe_model(args),
+        "schedule": {**schedule.__dict__, "padding": args.padding, "label_smoothing": args.label_smoothing},
+        "epochs_completed": result.epochs_completed,
+        "stopped_early": result.stopped_early,
+        "train_wall_seconds": result.wall_seconds,
+        "budget_seconds": args.budget_seconds,
+        "final_train_acc": result.history[-1]["acc"],
+        "test_acc": test_acc,
+        "eval_seconds": time.perf_counter() - t0,
+        "history": result.history,
+    }
+
+
+# --- (b) throughput --------------------------------------------------------------------------------
+
+
+def _v2_transform(*, from_pil: bool):
+    import_torchvision()  # makes torchvision importable on a CPU torch (see semiprune_core.compat)
+    v2 = importlib.import_module("torchvision.transforms.v2")
+    return v2.Compose([
+        *([v2.ToImage()] if from_pil else []),
+        v2.RandomHorizontalFlip(),
+        v2.RandomCrop(28, padding=2),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize((0.5,), (0.5,)),
+    ])
+
+
+class _PerSampleDataset(torch.utils.data.Dataset):
+    """The uint8 tensors, one sample at a time, through a per-sample transform."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.images[i]), self.labels[i]
+
+
+def _stock_fashion_mnist(root: Path):
+    """torchvision.datasets.FashionMNIST (PIL images per sample) over the local IDX files."""
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for gz in FASHION.glob("*-ubyte.gz"):
+        (raw / gz.stem).write_bytes(gzip.decompress(gz.read_bytes()))
+    tv = import_torchvision()
+    return tv.datasets.FashionMNIST(str(root), train=True, download=False, transform=_v2_transform(from_pil=True))
+
+
+def _loader(dataset, args, num_workers: int):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=True, num_workers=num_workers, drop_last=True,
+        generator=torch.Generator().manual_seed(SEED),
+    )
+
+
+def engine_train_rate(args, x_train, y_train, device) -> float:
+    """Images/s of :func:`fit` (weak view, padding 2 like the baselines) over ``steps`` steps."""
+    bs, steps = args.batch_size, args.throughput_steps
+    schedule = Schedule(epochs=1, batch_size=bs, lr=0.05)
+    n_warm = bs * args.warmup_steps
+    fit(model_for(args), SupervisedObjective(x_train[:n_warm], y_train[:n_warm], padding=2), schedule, seed=SEED, device=device)
+    n = min(bs * steps, len(x_train))
+    result = fit(model_for(args), SupervisedObjective(x_train[:n], y_train[:n], padding=2), schedule, seed=SEED, device=device)
+    return result.sample_passes / result.train_seconds
+
+
+def loader_train_rate(args, loader, device) -> float:
+    """Images/s of a plain training loop over ``loader`` (same model, optimiser and memory layout)."""
+    model = model_for(args).to(device).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    model.train()
+    t0, done = None, 0
+    for i, (x, y) in enumerate(loader):
+        if i == args.warmup_steps:
+            t0 = time.perf_counter()
+        if i == args.warmup_steps + args.throughput_steps:
+            break
+        x, y = x.to(device), y.to(device)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        done += len(x) if t0 is not None else 0
+    return done / (time.perf_counter() - t0)
+
+
+def engine_data_rate(args, x_train, y_train, device) -> float:
+    """Images/s of the engine's input pipeline alone: slice, weak view, to_float (no model)."""
+    objective = SupervisedObjective(x_train, y_train, view="weak", padding=2).to(device)
+    batches = objective.batches(0, args.batch_size, torch.Generator(device=device).manual_seed(SEED))
+    t0, n = time.perf_counter(), 0
+    for i, batch in zip(range(args.throughput_steps), batches):
+        n += len(to_float(batch.images))
+    return n / (time.perf_counter() - t0)
+
+
+def loader_data_rate(args, loader) -> float:
+    t0, n = time.perf_counter(), 0
+    for i, (x, _) in zip(range(args.throughput_steps), loader):
+        n += len(x)
+    return n / (time.perf_counter() - t0)
+
+
+def bench_throughput(args, x_train, y_train, device) -> dict:
+    n = args.batch_size * (args.throughput_steps + args.warmup_steps)
+    tensor_ds = _PerSampleDataset(x_train[:n], y_train[:n], _v2_transform(from_pil=False))
+    train = {"engine": engine_train_rate(args, x_train, y_train, device)}
+    for workers in (0, 2):
+        train[f"dataloader_tensor_w{workers}"] = loader_train_rate(args, _loader(tensor_ds, args, workers), device)
+    with tempfile.TemporaryDirectory() as tmp:
+        stock = _stock_fashion_mnist(Path(tmp))
+        train["dataloader_torchvision_pil_w0"] = loader_train_rate(args, _loader(stock, args, 0), device)
+        data = {
+            "engine": engine_data_rate(args, x_train, y_train, device),
+            "dataloader_tensor_w0": loader_data_rate(args, _loader(tensor_ds, args, 0)),
+            "dataloader_torchvision_pil_w0": loader_data_rate(args, _loader(stock, args, 0)),
+        }
+    baselines = {k: v for k, v in train.items() if k != "engine"}
+    best = max(baselines, key=baselines.get)
+    return {
+        "batch_size": args.batch_size, "steps": args.throughput_steps, "warmup_steps": args.warmup_steps,
+        "train_img_per_s": train, "data_only_img_per_s": data, "best_baseline": best,
+        "ratio": train["engine"] / baselines[best],
+        "data_only_ratio": data["engine"] / max(v for k, v in data.items() if k != "engine"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budget-seconds", type=float, default=120.0)
+    p.add_argument("--epochs", type=int, default=24)
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--lr", type=float, default=0.2)
+    p.add_argument("--warmup", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--padding", type=int, default=1)
+    p.add_argument("--model", default="fastcnn_s", help="a fastcnn variant from the registry")
+    p.add_argument("--widths", type=int, nargs="+", help="override the model's widths")
+    p.add_argument("--depth", type=int, default=1)
+    p.add_argument("--stem", choices=["conv", "s2d"], help="override the model's stem")
+    p.add_argument("--throughput-steps", type=int, default=100)
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--json", type=Path, help="also write the report here")
+    args = p.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    t0 = time.perf_counter()
+    x_train, y_train, x_test, y_test = load_fashion()
+    report: dict = {
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device)},
+        "load_seconds": time.perf_counter() - t0,
+    }
+
+    if not args.skip_accuracy:
+        report["accuracy"] = acc = bench_accuracy(args, x_train, y_train, x_test, y_test, device)
+    if not args.skip_throughput:
+        report["throughput"] = thr = bench_throughput(args, x_train, y_train, device)
+
+    print(f"\nsemiprune engine benchmark  (torch {torch.__version__}, {torch.get_num_threads()} threads, {device})")
+    if "accuracy" in report:
+        ok = acc["test_acc"] >= 0.90 and acc["train_wall_seconds"] <= args.budget_seconds
+        print(f"(a) {acc['model']}: {acc['epochs_completed']} epochs, batch {args.batch_size}, lr {args.lr}")
+        print(f"    training wall time   {acc['train_wall_seconds']:8.1f} s  (budget {args.budget_seconds:.0f} s)")
+        print(f"    final-epoch test acc {acc['test_acc'] * 100:8.2f} %  (target >= 90 %: {'met' if ok else 'NOT met'})")
+    if "throughput" in report:
+        labels = {
+            "engine": "engine: uint8 tensor + batched weak aug",
+            "dataloader_tensor_w0": "DataLoader, tensor Dataset + v2, workers=0",
+            "dataloader_tensor_w2": "DataLoader, tensor Dataset + v2, workers=2",
+            "dataloader_torchvision_pil_w0": "DataLoader, tv FashionMNIST (PIL) + v2, w=0",
+        }
+        print(f"(b) throughput, batch {args.batch_size}, {args.throughput_steps} steps after {args.warmup_steps} warm-up (img/s)")
+        print(f"    {'':<46} {'training':>10} {'data only':>10}")
+        for key, label in labels.items():
+            data_rate = thr["data_only_img_per_s"].get(key)
+            print(f"    {label:<46} {thr['train_img_per_s'][key]:10.0f} {data_rate if data_rate else float('nan'):10.0f}")
+        print(f"    ratio engine / best baseline ({thr['best_baseline']}): {thr['ratio']:.2f} x training (target >= 3 x), "
+              f"{thr['data_only_ratio']:.1f} x data only")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
