@@ -72,7 +72,9 @@ def to_float(x: Tensor) -> Tensor:
 
 
 def as_uint8_images(images: Tensor | np.ndarray, *, name: str = "images") -> Tensor:
-    """Check and wrap a (N, C, H, W) uint8 array as a tensor (no copy when already one)."""
+    """Check and wrap a (N, C, H, W) uint8 array as a tensor (no copy unless numpy marks it read-only)."""
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        images = images.copy()  # torch refuses to share read-only numpy memory without a warning
     t = torch.as_tensor(images)
     if t.dtype != torch.uint8 or t.ndim != 4:
         raise ValueError(f"{name} must be a uint8 (N, C, H, W) array, got {t.dtype} {tuple(t.shape)}")

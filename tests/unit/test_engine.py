@@ -16,6 +16,7 @@ from semiprune_core.errors import ConfigError
 from semiprune_core.models import create_model
 from semiprune_core.training import (
     Hook,
+    Objective,
     Schedule,
     SupervisedObjective,
     evaluate,
@@ -376,6 +377,18 @@ def test_max_seconds_stops_before_an_epoch_that_would_overrun(data, caplog):
         result = fit(mlp(), SupervisedObjective(x, y), Schedule(epochs=5, batch_size=200, max_seconds=0.5), seed=0, device="cpu", hooks=[Slow()])
     assert result.stopped_early and result.epochs_completed == 1
     assert "max_seconds" in caplog.text
+
+
+def test_supervised_objective_follows_the_protocol_and_accepts_read_only_numpy(data, recwarn):
+    x, y = data
+    frozen = x.numpy().copy()
+    frozen.flags.writeable = False
+    objective = SupervisedObjective(frozen, y.numpy())
+    assert isinstance(objective, Objective)
+    assert not [w for w in recwarn if "not writable" in str(w.message)]
+    assert objective.steps_per_epoch(128) == 4
+    sizes = [len(b.rows) for b in objective.batches(0, 128, torch.Generator().manual_seed(0))]
+    assert sizes == [100, 100, 100, 100]  # near-equal batches, no tiny last batch
 
 
 def test_objective_and_device_errors(data):
