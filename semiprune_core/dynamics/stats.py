@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-#: The per-sample statistics, in the order the recorder stores them (``correct`` is stored as 0/1).
-METRICS: tuple[str, ...] = ("target_prob", "margin", "loss", "entropy", "el2n", "correct")
-#: The float-valued ones (``correct`` is boolean).
-FLOAT_METRICS: tuple[str, ...] = METRICS[:-1]
+from .store import FLOAT_METRICS, METRICS
+
+__all__ = ["FLOAT_METRICS", "METRICS", "per_sample_stats"]
 
 
 @torch.no_grad()

@@ -284,7 +284,9 @@ def test_table_roundtrip_sorted_and_float16(tmp_path):
         else:
             assert dyn.trajectories[m].dtype == np.float16
             np.testing.assert_array_equal(dyn.trajectories[m], np.clip(want, -65504, 65504).astype(np.float16))
-    assert pq.ParquetFile(path).metadata.num_row_groups == 3
+    meta = pq.ParquetFile(path).metadata
+    assert meta.num_row_groups == 3
+    assert "BYTE_STREAM_SPLIT" in meta.row_group(0).column(3).encodings  # target_prob: compact float16 encoding
 
 
 def test_duplicate_ids_are_refused(tmp_path):
