@@ -19,6 +19,22 @@ completed epoch's slice. When the engine resumes, ``load_state_dict`` checks tha
 the one the checkpoint describes (same run key, token, shape and digests); if not, it raises, and the
 engine ignores the whole checkpoint and starts fresh (it logs why), so model and dynamics never
 disagree. Epochs after the checkpoint are simply recorded again.
+
+Usage (the score@fold stage, fold ``k`` of ``folds = assign_folds(targets, k=K, seed=...)``)::
+
+    train, held = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
+    scratch = ctx.scratch / f"fold_{k}"          # one dir per fold: the engine's checkpoint name is fixed
+    rec = DynamicsRecorder(len(targets), schedule.epochs, oos_rows=held, oos_images=images[held],
+                           oos_targets=targets[held], scratch_dir=scratch, run_key=run_key)
+    fit(model, SupervisedObjective(images[train], targets[train], ids=train), schedule, seed=seed,
+        hooks=[rec], checkpoint_dir=scratch, run_key=run_key, keep_checkpoint=True)
+    rec.write_parquet(f"artifacts/dynamics/fold_{k}.parquet", sample_ids, fold=folds,
+                      meta={"held_out_fold": k, ...})
+    rec.cleanup()                                # then delete the checkpoint too
+
+``run_key`` must change with anything that changes the dynamics (params, data, fold assignment, k).
+``keep_checkpoint=True`` lets a rerun after a crash between ``fit`` and ``write_parquet`` skip
+training (a kept checkpoint of a finished run resumes at the end).
 """
 
 from __future__ import annotations

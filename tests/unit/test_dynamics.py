@@ -113,12 +113,13 @@ def make_recorder(pool, scratch, *, held_out=0, run_key="k"):
                             run_key=run_key)
 
 
-def train(pool, hooks, *, held_out=0, checkpoint_dir=None, epochs=EPOCHS, objective_rows=None):
+def train(pool, hooks, *, held_out=0, checkpoint_dir=None, epochs=EPOCHS, objective_rows=None, keep=False):
     x, y, _, fold = pool
     rows = np.flatnonzero(fold != held_out) if objective_rows is None else objective_rows
     objective = SupervisedObjective(x[rows], y[rows], ids=rows, view="weak", padding=1)
     return fit(model(), objective, Schedule(epochs=epochs, batch_size=10, lr=0.05, ema_decay=0.9), seed=1,
-               device="cpu", hooks=hooks, checkpoint_dir=checkpoint_dir, run_key="k" if checkpoint_dir else None)
+               device="cpu", hooks=hooks, checkpoint_dir=checkpoint_dir, run_key="k" if checkpoint_dir else None,
+               keep_checkpoint=keep)
 
 
 def test_recorder_stores_training_stats_in_sample_and_eval_stats_out_of_sample(pool, tmp_path):
@@ -204,6 +205,19 @@ def test_resume_after_a_crash_gives_the_uninterrupted_dynamics(pool, tmp_path):
     result = train(pool, [rec], checkpoint_dir=scratch)
     assert result.resumed and result.start_epoch == 2
     got = recorded(rec, pool, tmp_path / "resumed.parquet")
+    for m in METRICS:
+        np.testing.assert_array_equal(got[m], want[m], err_msg=m)
+
+
+def test_a_kept_checkpoint_of_a_finished_run_rewrites_the_table_without_training(pool, tmp_path):
+    scratch = tmp_path / "scratch"
+    first = make_recorder(pool, scratch)
+    train(pool, [first], checkpoint_dir=scratch, keep=True)
+    want = recorded(first, pool, tmp_path / "first.parquet")
+    again = make_recorder(pool, scratch)
+    result = train(pool, [again], checkpoint_dir=scratch, keep=True)
+    assert result.resumed and result.start_epoch == EPOCHS
+    got = recorded(again, pool, tmp_path / "again.parquet")
     for m in METRICS:
         np.testing.assert_array_equal(got[m], want[m], err_msg=m)
 
