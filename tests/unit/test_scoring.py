@@ -146,6 +146,19 @@ def test_forgetting_is_bounded_by_half_the_epochs(c):
 
 @settings(max_examples=50, deadline=None)
 @given(probs, st.integers(1, 12), st.integers(1, 12))
+def test_window_scores_match_a_brute_force_definition(q, window, first):
+    def windows(x):
+        w = min(window, x.shape[1])
+        return [x[:, s : s + w] for s in range(x.shape[1] - w + 1)]
+
+    want_dynunc = np.mean([win.std(axis=1) for win in windows(q)], axis=0)
+    want_dual = np.mean([win.std(axis=1) * (1 - win.mean(axis=1)) for win in windows(q[:, :first])], axis=0)
+    np.testing.assert_allclose(dynunc(q, window=window), want_dynunc, atol=1e-12)
+    np.testing.assert_allclose(dual(q, window=window, first=first), want_dual, atol=1e-12)
+
+
+@settings(max_examples=50, deadline=None)
+@given(probs, st.integers(1, 12), st.integers(1, 12))
 def test_window_scores_are_bounded(q, window, first):
     d, u = dual(q, window=window, first=first), dynunc(q, window=window)
     assert np.all(d >= 0) and np.all(d <= 0.5 + 1e-12) and np.all(u >= 0) and np.all(u <= 0.5 + 1e-12)
