@@ -156,9 +156,12 @@ def compute_scores(
     if len(set(shapes.values())) != 1:
         raise ValueError(f"trajectories must share one (N, E) shape, got {shapes}")
     _check_window(window)
+    _first(np.empty((0, 1)), first_dual, "first_dual")
+    _first(np.empty((0, 1)), first_el2n, "first_el2n")
+    chunk_rows = max(1, int(chunk_rows))
     n = shapes["margin"][0]
     out = {name: np.empty(n, bool if name == "never_learned" else np.float64) for name in SCORES}
-    for start in range(0, n, max(1, int(chunk_rows))):
+    for start in range(0, n, chunk_rows):
         s = slice(start, start + chunk_rows)
         q = np.asarray(traj["target_prob"][s], dtype=np.float64)
         correct = np.asarray(traj["correct"][s]).astype(bool, copy=False)

@@ -200,6 +200,8 @@ def test_compute_scores_accepts_float16_and_rejects_missing_or_ragged():
         compute_scores({k: v for k, v in dyn.items() if k != "el2n"}, window=2, first_dual=3, first_el2n=3)
     with pytest.raises(ValueError, match="shape"):
         compute_scores({**dyn, "loss": dyn["loss"][:, :2]}, window=2, first_dual=3, first_el2n=3)
+    with pytest.raises(ConfigError, match="first_el2n"):
+        compute_scores(dyn, window=2, first_dual=3, first_el2n=0)
 
 
 # --- combine_folds ------------------------------------------------------------------------------------
