@@ -14,6 +14,11 @@ epoch t have Gaussian noise, a signal for the true class that grows with t (weak
 samples), and, for in-sample rows only, a memorisation term for the target label that grows late in
 training (so in-sample scores of mislabeled samples look learned, as UNSEEN describes). The
 statistics are computed with the recorder's own :func:`per_sample_stats`.
+
+Measured 2026-11-24 on the 2-CPU dev machine (idle), defaults (1M x 30, K=2, w=10, T=30, T_e=20):
+combine_folds 6.7 s wall (per file: read 1.1 s, compute_scores 1.2 s), peak RSS 1.05 GiB
+(74 MiB after imports); 7.96 bytes per sample-epoch on disk (228 MiB per fold file); writing one
+file 5.3 s. Synthetic sanity check: in-sample AUM is squeezed (p5-p95 width 16.6 vs 30.7 out-of-sample).
 """
 
 from __future__ import annotations
