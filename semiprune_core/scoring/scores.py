@@ -38,18 +38,15 @@ def _traj(x: np.ndarray, name: str = "trajectory") -> np.ndarray:
     return x
 
 
+def _epochs(value: int, name: str) -> int:
+    """A positive epoch count (window width, first T) from the params; else a ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"{name} must be a positive number of epochs, got {value!r}", "fix the scores params")
+    return int(value)
+
+
 def _first(x: np.ndarray, first: int | None, name: str) -> np.ndarray:
-    if first is None:
-        return x
-    if isinstance(first, bool) or not isinstance(first, (int, np.integer)) or first < 1:
-        raise ConfigError(f"{name} must be a positive number of epochs, got {first!r}", "fix the scores params")
-    return x[:, : int(first)]
-
-
-def _check_window(window: int) -> int:
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
-        raise ConfigError(f"window must be a positive number of epochs, got {window!r}", "fix the scores params")
-    return int(window)
+    return x if first is None else x[:, : _epochs(first, name)]
 
 
 def aum(margin: np.ndarray) -> np.ndarray:
@@ -119,14 +116,14 @@ def _window_stats(q: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
 def dynunc(q: np.ndarray, *, window: int) -> np.ndarray:
     """Dynamic uncertainty: mean over sliding windows of width ``window`` of std(q in window).
     q (N, E) target probabilities -> (N,). 0 for a constant trajectory; higher = more uncertain."""
-    _, std = _window_stats(_traj(q, "target_prob"), _check_window(window))
+    _, std = _window_stats(_traj(q, "target_prob"), _epochs(window, "window"))
     return std.mean(axis=1)
 
 
 def dual(q: np.ndarray, *, window: int, first: int) -> np.ndarray:
     """DUAL: over sliding windows of width ``window`` within the first ``first`` epochs,
     mean of std_w(q) * (1 - mean_w(q)). q (N, E) -> (N,). Higher = more important (uncertain, not yet learned)."""
-    mean, std = _window_stats(_first(_traj(q, "target_prob"), first, "first (DUAL epochs)"), _check_window(window))
+    mean, std = _window_stats(_first(_traj(q, "target_prob"), first, "first (DUAL epochs)"), _epochs(window, "window"))
     return (std * (1.0 - mean)).mean(axis=1)
 
 
@@ -155,9 +152,9 @@ def compute_scores(
     shapes = {k: np.shape(traj[k]) for k in NEEDED}
     if len(set(shapes.values())) != 1:
         raise ValueError(f"trajectories must share one (N, E) shape, got {shapes}")
-    _check_window(window)
-    _first(np.empty((0, 1)), first_dual, "first_dual")
-    _first(np.empty((0, 1)), first_el2n, "first_el2n")
+    _epochs(window, "window")
+    _epochs(first_dual, "first_dual")
+    _epochs(first_el2n, "first_el2n")
     chunk_rows = max(1, int(chunk_rows))
     n = shapes["margin"][0]
     out = {name: np.empty(n, bool if name == "never_learned" else np.float64) for name in SCORES}
