@@ -120,7 +120,44 @@ class Pseudo(Section):
     batch_size: int = Field(1024, ge=1)
 
 
-SECTIONS: dict[str, type[Section]] = {"base": Base, "data": Data, "ssl": SSL, "pseudo": Pseudo}
+class CV(Section):
+    """Folds for out-of-sample scoring: proxy k trains on every fold but k."""
+
+    k: int = Field(2, ge=2, le=127)
+    folds: list[int] = Field([0, 1], description="the fold ids 0..k-1, one score@fold stage each (dvc.yaml foreach)")
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _folds(self):
+        if self.folds != list(range(self.k)):
+            raise ValueError(f"folds must list 0..k-1 for k={self.k}, e.g. {list(range(self.k))}")
+        return self
+
+
+class Proxy(Section):
+    """score@fold: the proxy model trained on the other folds with the pipeline's target labels."""
+
+    model: str = "fastcnn"
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    warmup: float = Field(0.05, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    view: Literal["none", "weak", "strong"] = "weak"
+
+
+class Scores(Section):
+    """scores: trajectories -> per-sample scores (windows and horizons in epochs; see METHODS.md)."""
+
+    window: int = Field(3, ge=1, description="w for dynunc and dual")
+    first_dual: int = Field(10, ge=1, description="T: dual and target_prob_mean_T use the first T epochs")
+    first_el2n: int = Field(5, ge=1, description="el2n averages the first T_e epochs")
+
+
+SECTIONS: dict[str, type[Section]] = {"base": Base, "data": Data, "ssl": SSL, "pseudo": Pseudo, "cv": CV,
+                                      "proxy": Proxy, "scores": Scores}
 
 
 def register_section(name: str, model: type[Section]) -> None:

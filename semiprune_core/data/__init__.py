@@ -6,6 +6,7 @@ variants transform pools; :func:`build_pool` chains them as the ``data`` params 
 """
 
 from .folder import IMAGE_EXTENSIONS, load_imagefolder, read_labels_csv, scan_images
+from .folds import assign_folds
 from .idx import parse_idx, read_idx
 from .labeled import choose_labeled
 from .manifest import (
@@ -27,6 +28,7 @@ from .synthetic import make_synthetic
 from .variants import CORRUPTIONS, corrupt, long_tail, long_tail_counts, subsample
 
 __all__ = [
+    "assign_folds",
     "CORRUPTIONS", "FASHION_MNIST_CLASSES", "IMAGE_EXTENSIONS", "MNIST_CLASSES", "UNLABELED", "Pool",
     "build_pool", "check_unique_ids", "choose_labeled", "content_hashes", "corrupt", "hidden_table", "images_table",
     "load_cifar", "load_idx_source", "load_imagefolder", "load_source", "long_tail", "long_tail_counts",

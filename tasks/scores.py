@@ -1,0 +1,63 @@
+"""scores: from every fold's dynamics, an out-of-sample and an in-sample value of every score.
+
+Params: ``cv``, ``scores``. Outs: ``artifacts/scores/scores.parquet``, ``metrics/scores.json``.
+Hidden true labels (benchmarks only) are read for the metrics alone.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from semiprune_core.data.manifest import HIDDEN, read_hidden_labels
+from semiprune_core.data.prepared import PREPARE_DIR
+from semiprune_core.io import read_table, write_json, write_table
+from semiprune_core.scoring import auroc, combine_folds, spread_summary
+
+from ._stage import StageContext, run_stage
+
+OUT = Path("artifacts/scores/scores.parquet")
+METRICS = Path("metrics/scores.json")
+PSEUDO = Path("artifacts/pseudo/pseudo_labels.parquet")
+
+
+def scores(ctx: StageContext) -> None:
+    cv, sc = ctx.params.cv, ctx.params.scores
+    paths = [Path(f"artifacts/dynamics/fold_{k}.parquet") for k in cv.folds]
+    cols = combine_folds(paths, window=sc.window, first_dual=sc.first_dual, first_el2n=sc.first_el2n)
+    table = pa.table({name: pa.array(values) for name, values in cols.items()})
+    write_table(OUT, table, meta={"params": ctx.params.to_dict()})
+    metrics = {"n": int(table.num_rows), "spread": {
+        name: spread_summary(np.asarray(values, dtype=float))
+        for name, values in cols.items() if name.startswith(("oos_", "ins_")) and np.asarray(values).dtype.kind == "f"
+    }}
+    metrics["wrong_target_auroc"] = _wrong_target_auroc(cols)
+    write_json(METRICS, {**metrics, "wall_time_s": round(ctx.elapsed(), 2)})
+
+
+def _wrong_target_auroc(cols: dict[str, np.ndarray]) -> dict | None:
+    """On benchmarks: how well a low AUM finds samples whose target label is wrong (report only)."""
+    hidden = read_hidden_labels(PREPARE_DIR / HIDDEN)
+    if not hidden.num_rows:
+        return None
+    truth_col = "clean_label" if "clean_label" in hidden.column_names else "true_label"
+    truth = dict(zip(hidden["sample_id"].to_pylist(), hidden[truth_col].to_pylist()))
+    pseudo = read_table(PSEUDO, columns=["sample_id", "target"], stage="pseudo_label")
+    target = dict(zip(pseudo["sample_id"].to_pylist(), pseudo["target"].to_pylist()))
+    wrong = np.array([target[s] != truth[s] for s in cols["sample_id"]])
+    out = {"truth": truth_col, "n_wrong": int(wrong.sum()), "n": int(len(wrong))}
+    if 0 < wrong.sum() < len(wrong):
+        for name in ("oos_aum", "ins_aum"):
+            out[name] = auroc(-np.asarray(cols[name], dtype=float), wrong)
+    return out
+
+
+def main() -> int:
+    return run_stage("scores", scores)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

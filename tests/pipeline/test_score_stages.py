@@ -1,0 +1,52 @@
+"""score@fold and scores as DVC runs them, on the seeded synthetic source."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from semiprune_core.scoring import SCORES
+
+from .conftest import run_cli
+
+TINY = ["--profile", "synthetic", "--set", "data.synthetic.n_train=600", "--set", "data.synthetic.n_test=200",
+        "--set", "data.labeled.per_class=5", "--set", "ssl.epochs=2", "--set", "ssl.batch_size=8",
+        "--set", "proxy.epochs=4"]
+
+
+def test_every_sample_gets_out_of_sample_and_in_sample_scores(project):
+    run_cli(project, "run", *TINY, "--name", "tiny", check=True)
+    ws = project / "runs" / "tiny"
+    table = pq.read_table(ws / "artifacts/scores/scores.parquet").to_pandas()
+    assert len(table) == 600 and table["sample_id"].is_unique
+    assert sorted(table["fold"].unique()) == [0, 1]
+    for score in SCORES:
+        assert f"oos_{score}" in table and f"ins_{score}" in table, score
+    assert np.isfinite(table["oos_aum"]).all() and np.isfinite(table["ins_aum"]).all()
+    for k in (0, 1):
+        dyn = pq.read_table(ws / f"artifacts/dynamics/fold_{k}.parquet")
+        held = dyn["is_oos"].to_numpy(zero_copy_only=False)
+        assert (dyn["fold"].to_numpy()[held] == k).all() and (dyn["fold"].to_numpy()[~held] != k).all()
+        cost = json.loads((ws / f"metrics/score_fold_{k}.json").read_text())
+        assert cost["epochs"] == 4 and cost["sample_passes"] == 4 * 600
+    metrics = json.loads((ws / "metrics/scores.json").read_text())
+    assert set(metrics["spread"]) >= {"oos_aum", "ins_aum"}
+    assert 0 <= metrics["wrong_target_auroc"]["oos_aum"] <= 1
+
+
+def test_changing_a_scores_param_reuses_the_fold_dynamics(project):
+    run_cli(project, "run", *TINY, check=True)
+    proc = run_cli(project, "run", *TINY, "--set", "scores.window=2", check=True)
+    out = proc.stdout + proc.stderr
+    for stage in ("ssl_train", "pseudo_label", "score@0", "score@1"):
+        assert f"Stage '{stage}' is cached - skipping run" in out, stage
+    assert "Running stage 'scores'" in out
+
+
+def test_bad_fold_params_are_refused(project):
+    proc = run_cli(project, "run", *TINY, "--set", "cv.k=1")
+    assert proc.returncode == 2 and "cv.k" in proc.stderr
+    proc = run_cli(project, "run", *TINY, "--set", "cv.k=3")
+    assert proc.returncode == 2 and "folds must list 0..k-1" in proc.stderr
