@@ -7,6 +7,8 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -18,6 +20,7 @@ from typing import Callable, Iterator
 
 from semiprune_core.config import StageParams, load_stage_params
 from semiprune_core.errors import SemiPruneError
+from semiprune_core.io import sha256_file
 
 SCRATCH = Path(".semiprune") / "scratch"
 
@@ -38,6 +41,14 @@ class StageContext:
     @property
     def log(self) -> logging.Logger:
         return logging.getLogger(f"semiprune.{self.name}")
+
+    def run_key(self, *inputs: Path, extra: object = None) -> str:
+        """A key for resumable work: this stage's params, the content of ``inputs``, and ``extra``.
+
+        A checkpoint is resumed only under the same key, so any change to these starts afresh.
+        """
+        payload = [self.name, self.params.to_dict(), [sha256_file(p) for p in inputs], extra]
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started

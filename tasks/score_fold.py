@@ -8,8 +8,6 @@ Usage: ``python -m tasks.score_fold K``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from semiprune_core.data.folds import assign_folds
 from semiprune_core.data.prepared import PREPARE_DIR, load_prepared
 from semiprune_core.dynamics import DynamicsRecorder
 from semiprune_core.errors import ConfigError, DataError
-from semiprune_core.io import read_table, sha256_file, write_json
+from semiprune_core.io import read_table, write_json
 from semiprune_core.models import create_model
 from semiprune_core.seeding import stream_seed
 from semiprune_core.training.engine import Schedule, SupervisedObjective, fit
@@ -48,9 +46,7 @@ def score_fold(ctx: StageContext, k: int) -> None:
     folds = assign_folds(targets, k=cv.k, seed=cv.seed, classes=data.classes)
     fit_rows, held = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
 
-    run_key = hashlib.sha256(json.dumps(
-        [ctx.params.to_dict(), k, sha256_file(PREPARE_DIR / "manifest.parquet"), sha256_file(PSEUDO)],
-        sort_keys=True).encode()).hexdigest()
+    run_key = ctx.run_key(PREPARE_DIR / "manifest.parquet", PSEUDO, extra=k)
     c, h, _ = data.image_shape
     model = create_model(px.model, in_channels=c, num_classes=data.num_classes, image_size=h,
                          seed=stream_seed(base.seed, "proxy", k))

@@ -7,8 +7,6 @@ Params: ``base``, ``ssl``. Outs: ``artifacts/ssl/model.pt`` (the EMA model), ``m
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import sys
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import numpy as np
 
 from semiprune_core.data.prepared import PREPARE_DIR, load_prepared
 from semiprune_core.errors import DataError
-from semiprune_core.io import atomic_path, sha256_file, write_json
+from semiprune_core.io import atomic_path, write_json
 from semiprune_core.models import create_model
 from semiprune_core.models.saved import ModelSpec, save_model
 from semiprune_core.ssl import SemiSupervisedObjective, make_policy
@@ -61,8 +59,7 @@ def ssl_train(ctx: StageContext) -> None:
     schedule = Schedule(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, momentum=s.momentum,
                         nesterov=s.momentum > 0, weight_decay=s.weight_decay, warmup=s.warmup,
                         ema_decay=s.ema_decay, max_seconds=s.max_seconds)
-    run_key = hashlib.sha256(json.dumps(
-        [ctx.params.to_dict(), sha256_file(PREPARE_DIR / "manifest.parquet")], sort_keys=True).encode()).hexdigest()
+    run_key = ctx.run_key(PREPARE_DIR / "manifest.parquet")
     result = fit(model, objective, schedule, seed=base.seed, device=base.device, checkpoint_dir=ctx.scratch,
                  run_key=run_key, desc=f"ssl_train[{s.algorithm}]")
     final = result.final_model
