@@ -40,6 +40,9 @@ def cmd_run(args) -> int:
     project, ws, _ = _where(args)
     if ws != project:
         print(f"semiprune: running in workspace {ws.relative_to(project)} (params.yaml there is the merged result)", file=sys.stderr)
+    stale = workspace.clear_stale_dvc_locks(ws)
+    if stale:
+        print(f"semiprune: cleared DVC locks left by killed run(s) (PID {', '.join(map(str, stale))})", file=sys.stderr)
     repro = ["repro"] + (["--force"] if args.force else []) + (args.stages or [])
     rc = workspace.dvc(repro, cwd=ws, project=project, check=False).returncode
     if rc == 0:

@@ -74,6 +74,49 @@ def dvc(args: list[str], *, cwd: Path, project: Path, check: bool = True, captur
     return proc
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process (a zombie, killed but not yet reaped, is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # Linux: the state letter follows the parenthesised command name
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def clear_stale_dvc_locks(ws: Path) -> list[int]:
+    """Drop the entries of DVC's rwlock whose process is gone; return their PIDs.
+
+    DVC records the outputs a running ``repro`` reads and writes in ``.dvc/tmp/rwlock`` and does not
+    clean up after a killed process, so the next run would refuse to start ("... is busy"). Entries of
+    live processes stay: a concurrent run still blocks, as DVC intends.
+    """
+    path = ws / ".dvc" / "tmp" / "rwlock"
+    try:
+        lock = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    dead: set[int] = set()
+    for mode in ("read", "write"):
+        entries = lock.get(mode, {})
+        for out, info in list(entries.items()):
+            infos = info if isinstance(info, list) else [info]
+            live = [i for i in infos if _alive(int(i.get("pid", 0)))]
+            dead |= {int(i.get("pid", 0)) for i in infos if i not in live}
+            if not live:
+                del entries[out]
+            elif isinstance(info, list):
+                entries[out] = live
+    if dead:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(lock))
+    return sorted(dead)
+
+
 def ensure_workspace(project: Path, name: str, params: dict[str, Any]) -> Path:
     """Create or refresh ``runs/<name>`` with ``params`` as its params.yaml."""
     ws = project / RUNS / name

@@ -50,3 +50,41 @@ def test_bad_fold_params_are_refused(project):
     assert proc.returncode == 2 and "cv.k" in proc.stderr
     proc = run_cli(project, "run", *TINY, "--set", "cv.k=3")
     assert proc.returncode == 2 and "folds must list 0..k-1" in proc.stderr
+
+
+def test_a_killed_fold_resumes_and_the_other_fold_is_not_rerun(project):
+    import hashlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [a if a != "proxy.epochs=4" else "proxy.epochs=12" for a in TINY] + ["--name", "tiny"]
+    run_cli(project, "run", *args, "score@1", check=True)  # fold 1 done before fold 0 starts
+    ws = project / "runs" / "tiny"
+    checkpoint = ws / ".semiprune/scratch/score_0/checkpoint.pt"
+    env = dict(os.environ, SEMIPRUNE_LOG_LEVEL="WARNING", DVC_NO_ANALYTICS="1")
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env["PATH"]])
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", *args], cwd=project, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "fold 0 finished before it could be killed; give it more epochs"
+    os.killpg(proc.pid, signal.SIGKILL)  # DVC and the stage it runs
+    proc.wait()
+    out = ws / "artifacts/dynamics/fold_0.parquet"
+    assert not out.exists(), "a killed fold must not leave a dynamics file behind"
+
+    rerun = run_cli(project, "run", *args, check=True)
+    log = rerun.stdout + rerun.stderr
+    assert "Running stage 'score@0'" in log and "Running stage 'score@1'" not in log, log
+    cost = json.loads((ws / "metrics/score_fold_0.json").read_text())
+    assert cost["resumed_from_epoch"] is not None and cost["resumed_from_epoch"] >= 1
+    resumed = hashlib.sha256(out.read_bytes()).hexdigest()
+
+    fresh = subprocess.run([sys.executable, "-m", "tasks.score_fold", "0"], cwd=ws, env=env, capture_output=True, text=True)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert json.loads((ws / "metrics/score_fold_0.json").read_text())["resumed_from_epoch"] is None
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == resumed, "resumed dynamics differ from an uninterrupted run"
