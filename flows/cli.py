@@ -15,15 +15,15 @@ from semiprune_core.errors import SemiPruneError
 from . import workspace
 
 
+PROFILE_DIR = workspace.PROFILES
+
+
 def _project(path: str | None) -> Path:
     start = Path(path or ".").resolve()
     for candidate in [start, *start.parents]:
         if (candidate / "dvc.yaml").exists() and (candidate / "params.yaml").exists() and (candidate / PROFILE_DIR).is_dir():
             return candidate
     raise SemiPruneError(f"no semiprune project at or above {start}", "cd into the project, or pass --project PATH")
-
-
-PROFILE_DIR = workspace.PROFILES
 
 
 def _where(args) -> tuple[Path, Path, dict]:
@@ -56,8 +56,10 @@ def cmd_status(args) -> int:
 
 
 def cmd_params(args) -> int:
-    _, _, params = _where(args) if args.materialize else (None, None, workspace.effective_params(
-        _project(args.project), profile=args.profile, overrides=args.set))
+    if args.materialize:
+        _, _, params = _where(args)
+    else:
+        params = workspace.effective_params(_project(args.project), profile=args.profile, overrides=args.set)
     sys.stdout.write(yaml.safe_dump(params, sort_keys=False))
     return 0
 
