@@ -10,6 +10,9 @@ per class, the test accuracy, and the share of unlabeled samples above the thres
     python benchmarks/bench_ssl.py [--budget-seconds 300] [--algorithms supervised fixmatch flexmatch]
         [--variants standard longtail] [--json out.json]
 
+``--epochs N`` skips the timing and trains every run for N epochs (a hyperparameter sweep on a faster
+machine at the step count the budget buys on the target one); ``--device`` picks where to train.
+
 Variants: ``standard``; ``longtail`` (imbalance factor 0.1 on the train split).
 """
 
@@ -64,16 +67,19 @@ def run(args, variant: str, algorithm: str) -> dict:
         policy = make_policy(algorithm, threshold=args.threshold, num_classes=len(pool.classes), n_unlabeled=int(unl.sum()))
         return SemiSupervisedObjective(
             pool.images[lab], pool.labels[lab], pool.images[unl] if policy is not None else pool.images[:0],
-            policy=policy, mu=args.mu, confident_tau=args.threshold,
+            policy=policy, mu=args.mu, lambda_u=args.lambda_u, confident_tau=args.threshold,
         )
 
     model = create_model(args.model, in_channels=1, num_classes=len(pool.classes), image_size=28, seed=SEED)
-    per_epoch = seconds_per_epoch(objective(), model, args.batch_size)
-    epochs = max(1, int(args.budget_seconds / per_epoch))
+    if args.epochs:
+        epochs, max_seconds = args.epochs, None
+    else:
+        per_epoch = seconds_per_epoch(objective(), model, args.batch_size)
+        epochs, max_seconds = max(1, int(args.budget_seconds / per_epoch)), args.budget_seconds * 1.15
+        logging.info("%s/%s: %.2f s per epoch estimated -> %d epochs", variant, algorithm, per_epoch, epochs)
     schedule = Schedule(epochs=epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=5e-4,
-                        ema_decay=0.999, max_seconds=args.budget_seconds * 1.15)
-    logging.info("%s/%s: %.2f s per epoch estimated -> %d epochs", variant, algorithm, per_epoch, epochs)
-    result = fit(model, objective(), schedule, seed=SEED, device="cpu", desc=f"{variant}/{algorithm}")
+                        ema_decay=0.999, max_seconds=max_seconds)
+    result = fit(model, objective(), schedule, seed=SEED, device=args.device, desc=f"{variant}/{algorithm}")
     final = result.final_model
     probs = predict(final, pool.images[unl], output="probs").numpy()
     cols = pseudo_labels(probs, human_labels=np.full(int(unl.sum()), -1))
@@ -106,13 +112,17 @@ def main(argv=None) -> int:
     parser.add_argument("--mu", type=int, default=7)
     parser.add_argument("--lr", type=float, default=0.03)
     parser.add_argument("--threshold", type=float, default=0.95)
+    parser.add_argument("--lambda-u", type=float, default=1.0)
+    parser.add_argument("--epochs", type=int, help="fixed epochs per run instead of sizing to the budget")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     rows = [run(args, v, a) for v in args.variants for a in args.algorithms]
     print(f"\nSSL pseudo-label accuracy on the unlabeled pool, {args.per_class} labels/class, "
-          f"budget {args.budget_seconds:.0f} s each, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads")
+          f"{f'{args.epochs} epochs' if args.epochs else f'budget {args.budget_seconds:.0f} s'} each, "
+          f"threshold {args.threshold}, lambda_u {args.lambda_u}, mu {args.mu}, lr {args.lr}, on {args.device} "
+          f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     print(f"{'variant':10} {'algorithm':11} {'epochs':>6} {'train s':>8} {'pseudo acc':>10} {'test acc':>8} {'confident (last)':>16}")
     for r in rows:
         print(f"{r['variant']:10} {r['algorithm']:11} {r['epochs']:6d} {r['train_seconds']:8.1f} "
