@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -156,8 +156,50 @@ class Scores(Section):
     first_el2n: int = Field(5, ge=1, description="el2n averages the first T_e epochs")
 
 
+class Select(Section):
+    """select: the coreset at a pruning ratio by a named strategy (see METHODS.md)."""
+
+    ratio: float = Field(0.5, gt=0, lt=1, description="fraction of the pool pruned")
+    strategy: Literal["random", "easy", "hard", "ccs", "aum_cutoff", "dual_beta", "prototypicality"] = "aum_cutoff"
+    score: str = Field("oos_aum", description="the scores column ranked: oos_<score> (unseen) or ins_<score>")
+    cutoff: float = Field(0.2, ge=0, lt=1, description="m: fraction dropped as hardest (ccs, aum_cutoff)")
+    strata: int = Field(50, ge=1, description="ccs: equal-width score strata")
+    c_d: float = Field(4.0, gt=0, description="dual_beta: how fast the Beta window moves to easy samples with ratio")
+    clusters: int | None = Field(None, ge=1, description="prototypicality: k-means clusters (null = number of classes)")
+    class_balance: bool = False
+    min_per_class: int = Field(0, ge=0)
+    keep_labeled: bool = Field(True, description="always keep the human-labeled seed set (it counts towards the budget)")
+
+    @field_validator("score")
+    @classmethod
+    def _score(cls, value: str) -> str:
+        from .scoring import HIGHER_MEANS
+
+        known = [f"{v}_{name}" for v in ("oos", "ins") for name in HIGHER_MEANS]
+        if value not in known:
+            raise ValueError(f"unknown score; choose one of {', '.join(known)}")
+        return value
+
+
+class Evaluate(Section):
+    """evaluate: a fresh model trained on the coreset alone, measured on the test split."""
+
+    model: str = "fastcnn"
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    warmup: float = Field(0.05, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    view: Literal["none", "weak", "strong"] = "weak"
+    labels: Literal["annotation", "target"] = Field(
+        "annotation", description="annotation: the true label where the dataset has one (what a labeler would give), "
+                                  "else the target; target: the pipeline's target labels")
+
+
 SECTIONS: dict[str, type[Section]] = {"base": Base, "data": Data, "ssl": SSL, "pseudo": Pseudo, "cv": CV,
-                                      "proxy": Proxy, "scores": Scores}
+                                      "proxy": Proxy, "scores": Scores, "select": Select, "evaluate": Evaluate}
 
 
 def register_section(name: str, model: type[Section]) -> None:

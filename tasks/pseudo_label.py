@@ -13,24 +13,22 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from semiprune_core.data.manifest import HIDDEN, read_hidden_labels
-from semiprune_core.data.prepared import PREPARE_DIR, load_prepared
+from semiprune_core.data.prepared import load_prepared
 from semiprune_core.io import write_json, write_table
 from semiprune_core.models.saved import load_model
 from semiprune_core.ssl import PSEUDO, accuracy_report, pseudo_labels
 from semiprune_core.training.engine import predict, resolve_device
 
+from ._artifacts import PSEUDO_LABELS, SSL_MODEL, hidden_truth
 from ._stage import StageContext, run_stage
 
-MODEL = Path("artifacts/ssl/model.pt")
-OUT = Path("artifacts/pseudo/pseudo_labels.parquet")
 METRICS = Path("metrics/pseudo.json")
 
 
 def pseudo_label(ctx: StageContext) -> None:
     base, p = ctx.params.base, ctx.params.pseudo
     data = load_prepared()
-    model, _ = load_model(MODEL, stage="ssl_train")
+    model, _ = load_model(SSL_MODEL, stage="ssl_train")
     train = np.flatnonzero(data.split == "train")
     probs = predict(model, data.images[train], batch_size=p.batch_size, device=resolve_device(base.device),
                     output="probs").numpy()
@@ -44,7 +42,7 @@ def pseudo_label(ctx: StageContext) -> None:
         "margin": pa.array(cols["margin"], pa.float32()),
         "entropy": pa.array(cols["entropy"], pa.float32()),
     })
-    write_table(OUT, table, meta={"params": ctx.params.to_dict(), "class_names": data.classes,
+    write_table(PSEUDO_LABELS, table, meta={"params": ctx.params.to_dict(), "class_names": data.classes,
                                   "columns": {"target": "the label every later stage uses: human where labeled, else pseudo"}})
     write_json(METRICS, {**_metrics(cols, data.classes, data.sample_ids[train]), "wall_time_s": round(ctx.elapsed(), 2)})
 
@@ -59,11 +57,10 @@ def _metrics(cols: dict[str, np.ndarray], classes: list[str], sample_ids: np.nda
         "mean_confidence_pseudo": float(cols["confidence"][cols["label_source"] == PSEUDO].mean())
         if (cols["label_source"] == PSEUDO).any() else None,
     }
-    hidden = read_hidden_labels(PREPARE_DIR / HIDDEN)
-    if hidden.num_rows:  # a benchmark: judge the pseudo-labels against the hidden truth (report only)
-        truth = dict(zip(hidden["sample_id"].to_pylist(), hidden["true_label"].to_pylist()))
-        is_pseudo = cols["label_source"] == PSEUDO
-        true = np.array([truth[s] for s in sample_ids[is_pseudo]], dtype=np.int64)
+    is_pseudo = cols["label_source"] == PSEUDO
+    found = hidden_truth(sample_ids[is_pseudo])
+    if found is not None:  # a benchmark: judge the pseudo-labels against the hidden truth (report only)
+        _, true = found
         report = accuracy_report(cols["pseudo_label"][is_pseudo], cols["confidence"][is_pseudo], true,
                                  num_classes=len(classes))
         report["per_class"] = {classes[int(c)]: v for c, v in report["per_class"].items()}

@@ -9,32 +9,20 @@ Usage: ``python -m tasks.score_fold K``.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 
 from semiprune_core.data.folds import assign_folds
 from semiprune_core.data.prepared import PREPARE_DIR, load_prepared
 from semiprune_core.dynamics import DynamicsRecorder
-from semiprune_core.errors import ConfigError, DataError
-from semiprune_core.io import read_table, write_json
+from semiprune_core.errors import ConfigError
+from semiprune_core.io import write_json
 from semiprune_core.models import create_model
 from semiprune_core.seeding import stream_seed
 from semiprune_core.training.engine import Schedule, SupervisedObjective, fit
 
+from ._artifacts import PSEUDO_LABELS, dynamics_path, load_targets
 from ._stage import StageContext, run_stage
-
-PSEUDO = Path("artifacts/pseudo/pseudo_labels.parquet")
-
-
-def load_targets(data) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows of ``data``, their target labels) from the pseudo_label stage, aligned by sample_id."""
-    train = np.flatnonzero(data.split == "train")
-    table = read_table(PSEUDO, columns=["sample_id", "target"], stage="pseudo_label")
-    if not np.array_equal(table["sample_id"].to_numpy(zero_copy_only=False), data.sample_ids[train]):
-        raise DataError(f"{PSEUDO} does not list the manifest's train samples", "re-run pseudo_label (dvc repro)")
-    return train, table["target"].to_numpy().astype(np.int64)
-
 
 def score_fold(ctx: StageContext, k: int) -> None:
     base, cv, px = ctx.params.base, ctx.params.cv, ctx.params.proxy
@@ -46,7 +34,7 @@ def score_fold(ctx: StageContext, k: int) -> None:
     folds = assign_folds(targets, k=cv.k, seed=cv.seed, classes=data.classes)
     fit_rows, held = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
 
-    run_key = ctx.run_key(PREPARE_DIR / "manifest.parquet", PSEUDO, extra=k)
+    run_key = ctx.run_key(PREPARE_DIR / "manifest.parquet", PSEUDO_LABELS, extra=k)
     c, h, _ = data.image_shape
     model = create_model(px.model, in_channels=c, num_classes=data.num_classes, image_size=h,
                          seed=stream_seed(base.seed, "proxy", k))
@@ -59,7 +47,7 @@ def score_fold(ctx: StageContext, k: int) -> None:
     result = fit(model, objective, schedule, seed=stream_seed(base.seed, "proxy", k), device=base.device,
                  hooks=[recorder], checkpoint_dir=ctx.scratch, run_key=run_key, keep_checkpoint=True,
                  desc=f"score@{k}")
-    out = Path(f"artifacts/dynamics/fold_{k}.parquet")
+    out = dynamics_path(k)
     recorder.write_parquet(out, data.sample_ids[train], fold=folds,
                            meta={"held_out_fold": k, "params": ctx.params.to_dict()})
     recorder.cleanup()

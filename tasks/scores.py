@@ -12,24 +12,21 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from semiprune_core.data.manifest import HIDDEN, read_hidden_labels
-from semiprune_core.data.prepared import PREPARE_DIR
 from semiprune_core.io import read_table, write_json, write_table
 from semiprune_core.scoring import auroc, combine_folds, spread_summary
 
+from ._artifacts import PSEUDO_LABELS, SCORES, dynamics_path, hidden_truth
 from ._stage import StageContext, run_stage
 
-OUT = Path("artifacts/scores/scores.parquet")
 METRICS = Path("metrics/scores.json")
-PSEUDO = Path("artifacts/pseudo/pseudo_labels.parquet")
 
 
 def scores(ctx: StageContext) -> None:
     cv, sc = ctx.params.cv, ctx.params.scores
-    paths = [Path(f"artifacts/dynamics/fold_{k}.parquet") for k in cv.folds]
+    paths = [dynamics_path(k) for k in cv.folds]
     cols = combine_folds(paths, window=sc.window, first_dual=sc.first_dual, first_el2n=sc.first_el2n)
     table = pa.table({name: pa.array(values) for name, values in cols.items()})
-    write_table(OUT, table, meta={"params": ctx.params.to_dict()})
+    write_table(SCORES, table, meta={"params": ctx.params.to_dict()})
     metrics = {"n": int(table.num_rows), "spread": {
         name: spread_summary(np.asarray(values, dtype=float))
         for name, values in cols.items() if name.startswith(("oos_", "ins_")) and np.asarray(values).dtype.kind == "f"
@@ -40,14 +37,13 @@ def scores(ctx: StageContext) -> None:
 
 def _wrong_target_auroc(cols: dict[str, np.ndarray]) -> dict | None:
     """On benchmarks: how well a low AUM finds samples whose target label is wrong (report only)."""
-    hidden = read_hidden_labels(PREPARE_DIR / HIDDEN)
-    if not hidden.num_rows:
+    found = hidden_truth(cols["sample_id"], prefer="clean_label")
+    if found is None:
         return None
-    truth_col = "clean_label" if "clean_label" in hidden.column_names else "true_label"
-    truth = dict(zip(hidden["sample_id"].to_pylist(), hidden[truth_col].to_pylist()))
-    pseudo = read_table(PSEUDO, columns=["sample_id", "target"], stage="pseudo_label")
+    truth_col, truth = found
+    pseudo = read_table(PSEUDO_LABELS, columns=["sample_id", "target"], stage="pseudo_label")
     target = dict(zip(pseudo["sample_id"].to_pylist(), pseudo["target"].to_pylist()))
-    wrong = np.array([target[s] != truth[s] for s in cols["sample_id"]])
+    wrong = np.array([target[s] for s in cols["sample_id"]]) != truth
     out = {"truth": truth_col, "n_wrong": int(wrong.sum()), "n": int(len(wrong))}
     if 0 < wrong.sum() < len(wrong):
         for name in ("oos_aum", "ins_aum"):

@@ -6,7 +6,6 @@ Params: ``base``, ``ssl``. Outs: ``artifacts/ssl/model.pt`` (the EMA model), ``m
 
 from __future__ import annotations
 
-import csv
 import sys
 from pathlib import Path
 
@@ -14,15 +13,15 @@ import numpy as np
 
 from semiprune_core.data.prepared import PREPARE_DIR, load_prepared
 from semiprune_core.errors import DataError
-from semiprune_core.io import atomic_path, write_json
+from semiprune_core.io import write_json
 from semiprune_core.models import create_model
 from semiprune_core.models.saved import ModelSpec, save_model
 from semiprune_core.ssl import SemiSupervisedObjective, make_policy
 from semiprune_core.training.engine import Schedule, evaluate, fit
 
+from ._artifacts import SSL_MODEL, write_history
 from ._stage import StageContext, run_stage
 
-OUT = Path("artifacts/ssl/model.pt")
 METRICS = Path("metrics/ssl.json")
 HISTORY = Path("plots/ssl_history.csv")
 
@@ -70,8 +69,9 @@ def ssl_train(ctx: StageContext) -> None:
     if not has_test:
         ctx.log.warning("no labeled test split: cannot measure the SSL model's accuracy")
     steps = objective.steps_per_epoch(s.batch_size)
-    save_model(OUT, final, spec)
-    _write_history(result.history)
+    save_model(SSL_MODEL, final, spec)
+    write_history(HISTORY, result.history, ["epoch", "loss", "acc", "lr", "seconds", "img_per_s", "loss_labeled",
+                                            "loss_unlabeled", "mask_rate", "confident_rate"])
     write_json(METRICS, {
         "algorithm": s.algorithm,
         "labeled": int(lab.sum()),
@@ -87,15 +87,6 @@ def ssl_train(ctx: StageContext) -> None:
         "final_mask_rate": result.history[-1].get("mask_rate"),
         "final_confident_rate": result.history[-1].get("confident_rate"),
     })
-
-
-def _write_history(history: list[dict]) -> None:
-    fields = ["epoch", "loss", "acc", "lr", "seconds", "img_per_s", "loss_labeled", "loss_unlabeled", "mask_rate", "confident_rate"]
-    with atomic_path(HISTORY) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        for row in history:
-            writer.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()})
 
 
 def main() -> int:
