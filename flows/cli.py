@@ -47,6 +47,9 @@ def cmd_run(args) -> int:
     rc = workspace.dvc(repro, cwd=ws, project=project, check=False).returncode
     if rc == 0:
         print(f"semiprune: done; outputs under {ws / 'artifacts'}, metrics under {ws / 'metrics'}", file=sys.stderr)
+    elif workspace.dvc(["checkout", "--quiet"], cwd=ws, project=project, check=False, capture=True).returncode == 0:
+        # DVC deletes a stage's outputs before running it; put back those of the last good run (dvc.lock)
+        print("semiprune: the failed stage's previous outputs are restored", file=sys.stderr)
     return rc
 
 

@@ -21,19 +21,22 @@ needs_fmnist = pytest.mark.skipif(
 def _project_files() -> list[str]:
     out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
                          capture_output=True, text=True).stdout.splitlines()
-    return [f for f in out if (REPO / f).is_file()]
+    return [f for f in out if (REPO / f).is_file() and f != "dvc.lock"]  # a local run's lock is not the project's
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
-    """The project's tracked and untracked-but-not-ignored files, in a fresh git repository."""
-    dest = tmp_path / "project"
+def copy_project(dest: Path) -> Path:
+    """The project's tracked and untracked-but-not-ignored files, in a fresh git repository at ``dest``."""
     for rel in _project_files():
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, target)
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     return dest
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return copy_project(tmp_path / "project")
 
 
 def run_cli(project: Path, *args: str, check: bool = False) -> subprocess.CompletedProcess:
