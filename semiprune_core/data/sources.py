@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,39 @@ def load_source(cfg: Data, *, seed: int, cache_dir: Path) -> Pool:
     if cfg.source == "synthetic":
         return make_synthetic(seed=seed, **cfg.synthetic.model_dump())
     raise DataError(f"unknown data.source {cfg.source!r}", "use fashion-mnist, mnist, cifar10, cifar100, imagefolder or synthetic")
+
+
+def source_paths(cfg: Data) -> list[Path]:
+    """Every file or folder :func:`load_source` may read for ``cfg`` (existing or not); [] for synthetic."""
+    root = Path(cfg.root) if cfg.root else None
+    if cfg.source in ("fashion-mnist", "mnist"):
+        places = [root, root / _TORCHVISION_CLASS[cfg.source] / "raw" if root else None, SYSTEM_DIRS[cfg.source]]
+    elif cfg.source in CIFAR_LAYOUT:
+        places = [root]
+    elif cfg.source == "imagefolder":
+        places = [root, Path(cfg.test_root) if cfg.test_root else None, Path(cfg.labels_csv) if cfg.labels_csv else None]
+    else:
+        places = []
+    return [p for p in places if p is not None]
+
+
+def stat_fingerprint(paths: list[Path]) -> dict[str, list]:
+    """{file: [size, mtime_ns]} of every file at or under ``paths`` (a stat, no reads): cheap enough
+    to run on every repro, so the prepare stage re-runs only when the raw data changed."""
+    out: dict[str, list] = {}
+    for place in paths:
+        if place.is_file():
+            st = place.stat()
+            out[str(place)] = [st.st_size, st.st_mtime_ns]
+        elif place.is_dir():
+            for folder, dirs, files in os.walk(place):
+                dirs.sort()
+                for name in sorted(files):
+                    st = os.stat(os.path.join(folder, name))
+                    out[os.path.join(folder, name)] = [st.st_size, st.st_mtime_ns]
+        else:
+            out[str(place)] = ["missing"]
+    return out
 
 
 # ---------------------------------------------------------------------------------------- IDX (MNIST)

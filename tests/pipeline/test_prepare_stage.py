@@ -90,3 +90,26 @@ def test_bad_data_fails_the_stage_with_exit_2_and_no_outputs(project):
     assert "error: " in proc.stderr and "per_class" in proc.stderr
     ws = next((project / "runs").iterdir())
     assert not list((ws / "artifacts/prepare").glob("*.parquet")) if (ws / "artifacts/prepare").exists() else True
+
+
+def test_prepare_reruns_when_the_image_folder_changes_and_only_then(project, tmp_path):
+    from PIL import Image
+
+    def png(path, seed):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8), dtype=np.uint8)).save(path)
+
+    root = tmp_path / "images"
+    for i in range(12):
+        png(root / ("cat" if i % 2 else "dog") / f"{i}.png", i)
+    args = ["--set", "data.source=imagefolder", "--set", f"data.root={root}", "--set", "data.image_size=8",
+            "--set", "data.channels=1", "--set", "data.labeled.per_class=null", "--name", "folder", "prepare"]
+    ws = project / "runs" / "folder"
+    first = run_cli(project, "run", *args, check=True)
+    assert "Running stage 'prepare'" in first.stdout
+    again = run_cli(project, "run", *args, check=True)
+    assert "Running stage 'source'" in again.stdout and "Running stage 'prepare'" not in again.stdout
+    png(root / "cat" / "new.png", 99)
+    changed = run_cli(project, "run", *args, check=True)
+    assert "Running stage 'prepare'" in changed.stdout
+    assert pq.read_table(ws / "artifacts/prepare/manifest.parquet").num_rows == 13
