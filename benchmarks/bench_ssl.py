@@ -7,7 +7,7 @@ FixMatch step, so the baseline gets many more epochs), with ``max_seconds`` as a
 accuracy of the EMA model's pseudo-labels on the unlabeled pool (against the hidden true labels),
 per class, the test accuracy, and the share of unlabeled samples above the threshold over training.
 
-    python benchmarks/bench_ssl.py [--budget-seconds 300] [--algorithms supervised fixmatch flexmatch]
+    python benchmarks/bench_ssl.py [--budget-seconds 600] [--algorithms supervised fixmatch flexmatch]
         [--variants standard longtail] [--json out.json]
 
 ``--epochs N`` skips the timing and trains every run for N epochs (a hyperparameter sweep on a faster
@@ -96,16 +96,16 @@ def run(args, variant: str, algorithm: str) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget-seconds", type=float, default=300)
+    parser.add_argument("--budget-seconds", type=float, default=600)
     parser.add_argument("--per-class", type=int, default=100)
-    parser.add_argument("--algorithms", nargs="+", default=["supervised", "fixmatch", "flexmatch"])
+    parser.add_argument("--algorithms", nargs="+", default=["supervised", "fixmatch", "freematch"])
     parser.add_argument("--variants", nargs="+", default=["standard", "longtail"], choices=sorted(VARIANTS))
     parser.add_argument("--model", default="fastcnn")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--mu", type=int, default=7)
     parser.add_argument("--lr", type=float, default=0.03)
-    parser.add_argument("--threshold", type=float, default=0.95)
-    parser.add_argument("--lambda-u", type=float, default=1.0)
+    parser.add_argument("--threshold", type=float, default=0.8)
+    parser.add_argument("--lambda-u", type=float, default=2.0)
     parser.add_argument("--epochs", type=int, help="fixed epochs per run instead of sizing to the budget")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path)

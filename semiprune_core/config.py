@@ -103,8 +103,8 @@ class SSL(Section):
     epochs: int = Field(10, ge=1, description="passes over the unlabeled pool (supervised: the same steps)")
     batch_size: int = Field(64, ge=1, description="labeled batch B; the unlabeled batch is mu * B")
     mu: int = Field(7, ge=1)
-    threshold: float = Field(0.95, gt=0, le=1, description="confidence threshold tau")
-    lambda_u: float = Field(1.0, ge=0)
+    threshold: float = Field(0.8, gt=0, le=1, description="confidence threshold tau")
+    lambda_u: float = Field(2.0, ge=0)
     ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA of the weights; the EMA model labels the pool")
     freematch_momentum: float = Field(0.999, gt=0, lt=1)
     lr: float = Field(0.03, gt=0)
@@ -184,8 +184,8 @@ class Select(Section):
 class Evaluate(Section):
     """evaluate: a fresh model trained on the coreset alone, measured on the test split."""
 
-    model: str = "fastcnn"
-    epochs: int = Field(10, ge=1)
+    model: str = "fastcnn_s"
+    epochs: int = Field(15, ge=1)
     batch_size: int = Field(256, ge=1)
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
