@@ -1,0 +1,108 @@
+"""The stage graph read from DVC, and single stages run through real DVC in a tiny repository."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.stages import outcome_of, run_stage, stage_graph
+from semiprune_core.errors import ConfigError
+
+DVC_YAML = """
+stages:
+  a:
+    cmd: python -c "open('a.txt', 'w').write('a')"
+    outs:
+      - a.txt
+  b:
+    foreach: [0, 1]
+    do:
+      cmd: python -c "open('b${item}.txt', 'w').write(open('a.txt').read() + '${item}')"
+      deps:
+        - a.txt
+      outs:
+        - b${item}.txt
+  c:
+    cmd: python -c "open('c.txt', 'w').write(open('b0.txt').read() + open('b1.txt').read())"
+    deps:
+      - b0.txt
+      - b1.txt
+    outs:
+      - c.txt
+  bad:
+    cmd: python refuse.py
+    deps:
+      - a.txt
+    outs:
+      - bad.txt
+  slow:
+    cmd: python -c "import time; time.sleep(60)"
+    outs:
+      - slow.txt
+"""
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ, DVC_NO_ANALYTICS="1")
+    e["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), e.get("PATH", "")])
+    return e
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True, env=env())
+    (tmp_path / "dvc.yaml").write_text(DVC_YAML)
+    (tmp_path / "refuse.py").write_text(  # a stage's bad-input contract: one error line, exit 2
+        "import sys\nprint('error: the ratio is out of range; set it in (0, 1)', file=sys.stderr)\nsys.exit(2)\n")
+    return tmp_path
+
+
+def test_the_graph_comes_from_dvc_with_every_stage_after_its_upstream(repo):
+    stages = stage_graph(repo)
+    names = [s.name for s in stages]
+    assert sorted(names) == ["a", "b@0", "b@1", "bad", "c", "slow"]
+    upstream = {s.name: s.upstream for s in stages}
+    assert upstream["c"] == ("b@0", "b@1") and upstream["b@1"] == ("a",) and upstream["a"] == ()
+    for s in stages:
+        assert all(names.index(u) < names.index(s.name) for u in s.upstream)
+
+
+def test_a_folder_without_dvc_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="is not a DVC repository"):
+        stage_graph(tmp_path)
+
+
+def test_a_stage_runs_then_is_up_to_date_then_is_restored_from_the_run_cache(repo):
+    lines = []
+    first = run_stage(repo, "a", env=env(), on_line=lines.append)
+    assert (first.outcome, first.returncode) == ("ran", 0)
+    assert any("Running stage 'a'" in line for line in lines)
+    assert run_stage(repo, "a", env=env()).outcome == "unchanged"
+    assert run_stage(repo, "b@0", env=env()).outcome == "ran"
+    (repo / "b0.txt").unlink()
+    (repo / "dvc.lock").unlink()  # forget the run: only DVC's run-cache remembers it
+    assert run_stage(repo, "b@0", env=env()).outcome == "restored"
+    assert (repo / "b0.txt").read_text() == "a0"
+
+
+def test_a_stage_that_refuses_its_input_fails_as_bad_input_with_its_error_in_the_tail(repo):
+    assert run_stage(repo, "a", env=env()).outcome == "ran"
+    result = run_stage(repo, "bad", env=env())
+    assert result.outcome == "failed" and result.returncode != 0 and result.bad_input
+    assert any("the ratio is out of range" in line for line in result.tail)
+
+
+def test_a_stage_past_its_timeout_is_killed(repo):
+    result = run_stage(repo, "slow", env=env(), timeout=4)
+    assert result.outcome == "timed out" and result.seconds < 30 and not result.bad_input
+
+
+def test_outcome_of_reads_dvc_messages():
+    assert outcome_of("score@0", ["Stage 'score@0' didn't change, skipping"]) == "unchanged"
+    assert outcome_of("score@0", ["Stage 'score@0' is cached - skipping run, checking out outputs"]) == "restored"
+    assert outcome_of("score@0", ["Running stage 'score@1':"]) == "unknown"
