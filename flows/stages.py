@@ -48,7 +48,7 @@ def stage_graph(workspace: Path) -> list[Stage]:
         raise ConfigError(f"{workspace} is not a DVC repository", "run from the project root (or `dvc init` there)") from None
     try:
         graph = repo.index.graph  # edges run from a stage to the stages it depends on
-        order = list(reversed(list(nx.lexicographical_topological_sort(graph, key=lambda s: s.name))))
+        order = nx.lexicographical_topological_sort(graph.reverse(copy=False), key=lambda s: s.name)
         return [Stage(s.name, tuple(sorted(u.name for u in graph.successors(s)))) for s in order]
     except DvcException as err:
         raise ConfigError(f"DVC cannot read the pipeline in {workspace}: {err}", "fix dvc.yaml") from None

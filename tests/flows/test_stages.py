@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from flows.stages import outcome_of, run_stage, stage_graph
 from semiprune_core.errors import ConfigError
+
+from .conftest import dvc_env, dvc_repo
 
 DVC_YAML = """
 stages:
@@ -46,20 +45,13 @@ stages:
 """
 
 
-def env() -> dict[str, str]:
-    e = dict(os.environ, DVC_NO_ANALYTICS="1")
-    e["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), e.get("PATH", "")])
-    return e
+REFUSE = "import sys\nprint('error: the ratio is out of range; set it in (0, 1)', file=sys.stderr)\nsys.exit(2)\n"
+env = dvc_env
 
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True, env=env())
-    (tmp_path / "dvc.yaml").write_text(DVC_YAML)
-    (tmp_path / "refuse.py").write_text(  # a stage's bad-input contract: one error line, exit 2
-        "import sys\nprint('error: the ratio is out of range; set it in (0, 1)', file=sys.stderr)\nsys.exit(2)\n")
-    return tmp_path
+    return dvc_repo(tmp_path, DVC_YAML, {"refuse.py": REFUSE})  # refuse.py: a stage's bad-input contract
 
 
 def test_the_graph_comes_from_dvc_with_every_stage_after_its_upstream(repo):

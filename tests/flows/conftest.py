@@ -1,0 +1,37 @@
+"""Prefect's test harness (one temporary server for the session) and tiny real DVC repositories."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def dvc_env() -> dict[str, str]:
+    env = dict(os.environ, DVC_NO_ANALYTICS="1")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def dvc_repo(path: Path, dvc_yaml: str, scripts: dict[str, str] | None = None) -> Path:
+    """A git + DVC repository at ``path`` with ``dvc_yaml`` and helper scripts."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "init", "-q"], cwd=path, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=path, check=True, env=dvc_env())
+    (path / "dvc.yaml").write_text(dvc_yaml)
+    for name, text in (scripts or {}).items():
+        (path / name).write_text(text)
+    return path
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield

@@ -1,0 +1,79 @@
+"""The curation flow under Prefect's test harness, on tiny real DVC repositories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.curation import StageFailed, run_curation
+
+from .conftest import dvc_repo
+
+# count.py NAME: append a line to NAME.runs each time it runs (how many times a stage executed)
+COUNT = "import sys\nopen(sys.argv[1] + '.runs', 'a').write('x\\n')\n"
+PIPELINE = """
+stages:
+  a:
+    cmd: python count.py a && python -c "open('a.txt', 'w').write('a')"
+    outs:
+      - a.txt
+  fold:
+    foreach: [0, 1]
+    do:
+      cmd: python count.py fold${item} && python -c "open('f${item}.txt', 'w').write(open('a.txt').read())"
+      deps:
+        - a.txt
+      outs:
+        - f${item}.txt
+  join:
+    cmd: python count.py join && python -c "open('j.txt', 'w').write(open('f0.txt').read() + open('f1.txt').read())"
+    deps:
+      - f0.txt
+      - f1.txt
+    outs:
+      - j.txt
+"""
+BAD = "import sys\nopen('bad.runs', 'a').write('x\\n')\nprint('error: select.ratio must be in (0, 1); fix it', file=sys.stderr)\nsys.exit(2)\n"
+FLAKY = "import sys\nopen('flaky{i}.runs', 'a').write('x\\n')\nif len(open('flaky{i}.runs').read()) < 4: sys.exit(1)\nopen('f{i}.txt', 'w').write('ok')\n"
+
+
+def runs(repo: Path, name: str) -> int:
+    path = repo / f"{name}.runs"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_every_stage_runs_in_graph_order_then_everything_is_reused(prefect_harness, tmp_path):
+    repo = dvc_repo(tmp_path / "p", PIPELINE, {"count.py": COUNT})
+    first = run_curation(repo, workers=2)
+    assert [r["name"] for r in first][0] == "a" and [r["name"] for r in first][-1] == "join"
+    assert {r["name"]: r["outcome"] for r in first} == {"a": "ran", "fold@0": "ran", "fold@1": "ran", "join": "ran"}
+    assert (repo / "j.txt").read_text() == "aa"
+    second = run_curation(repo, workers=2)
+    assert {r["outcome"] for r in second} == {"unchanged"}
+    from prefect.artifacts import Artifact
+
+    summary = Artifact.get("semiprune-run")  # the latest run's summary
+    assert "| join | unchanged |" in summary.data and "Re-used from cache: a, fold@0, fold@1, join" in summary.data
+    assert [runs(repo, n) for n in ("a", "fold0", "fold1", "join")] == [1, 1, 1, 1]
+
+
+def test_a_stage_that_refuses_its_input_fails_the_flow_once_and_later_stages_do_not_run(prefect_harness, tmp_path):
+    pipeline = PIPELINE.replace("python count.py fold${item} && python -c", "python bad.py && python -c")
+    repo = dvc_repo(tmp_path / "p", pipeline, {"count.py": COUNT, "bad.py": BAD})
+    with pytest.raises(StageFailed, match=r"stage fold@\d failed"):
+        run_curation(repo, workers=2)
+    assert runs(repo, "bad") == 2  # each fold once: bad input is not retried
+    assert runs(repo, "join") == 0 and not (repo / "j.txt").exists()
+    assert (repo / "a.txt").exists()  # what succeeded stays
+
+
+def test_a_transient_failure_is_retried(prefect_harness, tmp_path):
+    pipeline = PIPELINE.replace(
+        "cmd: python count.py fold${item} && python -c \"open('f${item}.txt', 'w').write(open('a.txt').read())\"",
+        "cmd: python flaky${item}.py")
+    repo = dvc_repo(tmp_path / "p", pipeline, {"count.py": COUNT, "flaky0.py": FLAKY.format(i=0),
+                                               "flaky1.py": FLAKY.format(i=1)})
+    records = run_curation(repo, workers=1)
+    assert {r["name"]: r["outcome"] for r in records}["join"] == "ran"
+    assert runs(repo, "flaky0") == runs(repo, "flaky1") == 2  # one failure, then a retry that succeeds
