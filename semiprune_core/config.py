@@ -134,8 +134,8 @@ class CV(Section):
         return self
 
 
-class Proxy(Section):
-    """score@fold: the proxy model trained on the other folds with the pipeline's target labels."""
+class Supervised(Section):
+    """A supervised training run: model and schedule (shared by the proxy and evaluate sections)."""
 
     model: str = "fastcnn"
     epochs: int = Field(10, ge=1)
@@ -146,6 +146,10 @@ class Proxy(Section):
     warmup: float = Field(0.05, ge=0, lt=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     view: Literal["none", "weak", "strong"] = "weak"
+
+
+class Proxy(Supervised):
+    """score@fold: the proxy model trained on the other folds with the pipeline's target labels."""
 
 
 class Scores(Section):
@@ -181,18 +185,11 @@ class Select(Section):
         return value
 
 
-class Evaluate(Section):
+class Evaluate(Supervised):
     """evaluate: a fresh model trained on the coreset alone, measured on the test split."""
 
     model: str = "fastcnn_s"
     epochs: int = Field(15, ge=1)
-    batch_size: int = Field(256, ge=1)
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    warmup: float = Field(0.05, ge=0, lt=1)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    view: Literal["none", "weak", "strong"] = "weak"
     labels: Literal["annotation", "target"] = Field(
         "annotation", description="annotation: the true label where the dataset has one (what a labeler would give), "
                                   "else the target; target: the pipeline's target labels")

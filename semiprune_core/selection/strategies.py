@@ -68,20 +68,22 @@ def hard(hardness: np.ndarray, n: int, rng: np.random.Generator, **_) -> Picked:
     return _picked(len(hardness), _order(hardness, rng)[::-1][:n], "hard_kept", "hard_pruned")
 
 
-def n_cutoff(m: int, cutoff: float) -> int:
-    return math.floor(cutoff * m)
-
-
-def aum_cutoff(hardness: np.ndarray, n: int, rng: np.random.Generator, *, cutoff: float = 0.0, **_) -> Picked:
-    """Double-end pruning: drop the floor(cutoff*M) hardest, keep the next ``n``, drop the easiest rest."""
+def _hard_cutoff(hardness: np.ndarray, n: int, rng: np.random.Generator, cutoff: float) -> tuple[np.ndarray, int]:
+    """(rows from hardest to easiest, how many of the hardest the cutoff drops); an error if the
+    cutoff leaves fewer than ``n`` to keep."""
     m = len(hardness)
-    drop = n_cutoff(m, cutoff)
+    drop = math.floor(cutoff * m)
     if n and drop + n > m:
         raise ConfigError(
             f"cutoff {cutoff} drops {drop} of {m} samples, leaving fewer than the {n} to keep",
             "lower select.cutoff or raise select.ratio (kept fraction + cutoff must stay below 1)")
-    hardest_first = _order(hardness, rng)[::-1]
-    out = _picked(m, hardest_first[drop : drop + n], "window_kept", "hard_pruned")
+    return _order(hardness, rng)[::-1], drop
+
+
+def aum_cutoff(hardness: np.ndarray, n: int, rng: np.random.Generator, *, cutoff: float = 0.0, **_) -> Picked:
+    """Double-end pruning: drop the floor(cutoff*M) hardest, keep the next ``n``, drop the easiest rest."""
+    hardest_first, drop = _hard_cutoff(hardness, n, rng, cutoff)
+    out = _picked(len(hardness), hardest_first[drop : drop + n], "window_kept", "hard_pruned")
     out.reason[hardest_first[:drop]] = REASONS["cutoff_pruned"]
     return out
 
@@ -92,12 +94,7 @@ def ccs(hardness: np.ndarray, n: int, rng: np.random.Generator, *, cutoff: float
     m = len(hardness)
     if strata < 1:
         raise ConfigError(f"strata must be >= 1, got {strata}", "set select.strata, e.g. 50")
-    drop = n_cutoff(m, cutoff)
-    if n and drop + n > m:
-        raise ConfigError(
-            f"cutoff {cutoff} drops {drop} of {m} samples, leaving fewer than the {n} to keep",
-            "lower select.cutoff or raise select.ratio (kept fraction + cutoff must stay below 1)")
-    hardest_first = _order(hardness, rng)[::-1]
+    hardest_first, drop = _hard_cutoff(hardness, n, rng, cutoff)
     rest = hardest_first[drop:]
     stratum = np.full(m, -1, np.int64)
     if len(rest):
