@@ -103,13 +103,13 @@ def run_stage(workspace: Path, name: str, *, env: dict[str, str] | None = None, 
     if timer:
         timer.start()
     tail: deque[str] = deque(maxlen=keep)
-    seen: list[str] = []
+    reported = "unknown"
     try:
         for raw in proc.stdout:
             line = raw.rstrip("\n")
             tail.append(line)
-            if _marker(line, name):
-                seen.append(line)
+            if reported == "unknown":
+                reported = outcome_of(name, [line])
             on_line(line)
         rc = proc.wait()
     finally:
@@ -120,10 +120,6 @@ def run_stage(workspace: Path, name: str, *, env: dict[str, str] | None = None, 
     elif rc != 0:
         outcome = "failed"
     else:
-        outcome = outcome_of(name, seen)
+        outcome = reported
     return StageRun(name, outcome, rc, round(time.monotonic() - started, 2), tuple(tail))
-
-
-def _marker(line: str, name: str) -> bool:
-    return any(pattern.format(name) in line for _, pattern in _OUTCOMES)
 

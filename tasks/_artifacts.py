@@ -23,13 +23,15 @@ def dynamics_path(fold: int) -> Path:
     return Path(f"artifacts/dynamics/fold_{fold}.parquet")
 
 
-def load_targets(data: Prepared) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows of ``data``, their target labels) from the pseudo_label stage, aligned by sample_id."""
+def load_targets(data: Prepared) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train rows of ``data``, their target labels, is_seed: whether the target is a human label)
+    from the pseudo_label stage, aligned by sample_id."""
     train = np.flatnonzero(data.split == "train")
-    table = read_table(PSEUDO_LABELS, columns=["sample_id", "target"], stage="pseudo_label")
+    table = read_table(PSEUDO_LABELS, columns=["sample_id", "target", "label_source"], stage="pseudo_label")
     if not np.array_equal(table["sample_id"].to_numpy(zero_copy_only=False), data.sample_ids[train]):
         raise DataError(f"{PSEUDO_LABELS} does not list the manifest's train samples", "re-run pseudo_label (dvc repro)")
-    return train, table["target"].to_numpy().astype(np.int64)
+    is_seed = table["label_source"].to_numpy(zero_copy_only=False) == "human"
+    return train, table["target"].to_numpy().astype(np.int64), is_seed
 
 
 def hidden_truth(sample_ids: np.ndarray, *, prefer: str = "true_label") -> tuple[str, np.ndarray] | None:

@@ -30,13 +30,11 @@ HISTORY = Path("plots/evaluate_history.csv")
 def evaluate_stage(ctx: StageContext) -> None:
     base, e = ctx.params.base, ctx.params.evaluate
     data = load_prepared()
-    train, targets = load_targets(data)
+    train, targets, is_seed = load_targets(data)
     selection = read_table(SELECTION, columns=["sample_id", "is_kept"], stage="select")
     if not np.array_equal(selection["sample_id"].to_numpy(zero_copy_only=False), data.sample_ids[train]):
         raise DataError(f"{SELECTION} does not list the manifest's train samples", "re-run select (dvc repro)")
     kept = selection["is_kept"].to_numpy(zero_copy_only=False).astype(bool)
-    seeds = read_table(PSEUDO_LABELS, columns=["label_source"], stage="pseudo_label")["label_source"]
-    is_seed = seeds.to_numpy(zero_copy_only=False) == "human"
 
     source = "target"
     labels = targets
@@ -55,7 +53,7 @@ def evaluate_stage(ctx: StageContext) -> None:
     model = create_model(e.model, in_channels=c, num_classes=data.num_classes, image_size=h, seed=seed)
     schedule = Schedule(epochs=e.epochs, batch_size=e.batch_size, lr=e.lr, momentum=e.momentum,
                         nesterov=e.momentum > 0, weight_decay=e.weight_decay, warmup=e.warmup)
-    objective = SupervisedObjective(data.images[train][rows], labels[rows], view=e.view, label_smoothing=e.label_smoothing)
+    objective = SupervisedObjective(data.images[train[rows]], labels[rows], view=e.view, label_smoothing=e.label_smoothing)
     result = fit(model, objective, schedule, seed=seed, device=base.device, checkpoint_dir=ctx.scratch,
                  run_key=ctx.run_key(SELECTION, PSEUDO_LABELS, extra=source), desc="evaluate")
 

@@ -29,7 +29,7 @@ def score_fold(ctx: StageContext, k: int) -> None:
     if k not in cv.folds:
         raise ConfigError(f"fold {k} is not one of cv.folds {cv.folds}", "run score@<fold> for a listed fold")
     data = load_prepared()
-    train, targets = load_targets(data)
+    train, targets, _ = load_targets(data)
     images = data.images[train]
     folds = assign_folds(targets, k=cv.k, seed=cv.seed, classes=data.classes)
     fit_rows, held = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
