@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +11,9 @@ from pathlib import Path
 import yaml
 
 from semiprune_core import __version__
-from semiprune_core.errors import SemiPruneError
+from semiprune_core.errors import ConfigError, SemiPruneError
 
-from . import workspace
+from . import team_cache, workspace
 
 
 PROFILE_DIR = workspace.PROFILES
@@ -36,26 +37,176 @@ def _where(args) -> tuple[Path, Path, dict]:
     return project, workspace.ensure_workspace(project, name, params), params
 
 
-def cmd_run(args) -> int:
+def _prepared(args) -> tuple[Path, Path]:
+    """(project, workspace) with a DVC repository, its stale locks cleared."""
     project, ws, _ = _where(args)
+    if not (ws / ".dvc").is_dir():
+        raise SemiPruneError(f"{ws} is not a DVC repository", "run `dvc init` there (or clone the project again)")
     if ws != project:
-        print(f"semiprune: running in workspace {ws.relative_to(project)} (params.yaml there is the merged result)", file=sys.stderr)
+        print(f"semiprune: workspace {ws.relative_to(project)} (params.yaml there is the merged result)", file=sys.stderr)
     stale = workspace.clear_stale_dvc_locks(ws)
     if stale:
         print(f"semiprune: cleared DVC locks left by killed run(s) (PID {', '.join(map(str, stale))})", file=sys.stderr)
-    repro = ["repro"] + (["--force"] if args.force else []) + (args.stages or [])
-    rc = workspace.dvc(repro, cwd=ws, project=project, check=False).returncode
-    if rc == 0:
-        print(f"semiprune: done; outputs under {ws / 'artifacts'}, metrics under {ws / 'metrics'}", file=sys.stderr)
-    elif workspace.dvc(["checkout", "--quiet"], cwd=ws, project=project, check=False, capture=True).returncode == 0:
-        # DVC deletes a stage's outputs before running it; put back those of the last good run (dvc.lock)
-        print("semiprune: the failed stage's previous outputs are restored", file=sys.stderr)
-    return rc
+    return project, ws
+
+
+def _gpus(text: str | None) -> list[str] | None:
+    if text is None or text == "auto":
+        return None
+    return [] if text == "none" else [d.strip() for d in text.split(",") if d.strip()]
+
+
+def _curate(args, project: Path, ws: Path, stages: list[str] | None = None) -> list[dict]:
+    from .curation import StageFailed, run_curation
+
+    try:
+        return run_curation(ws, project=project, workers=args.workers, stage_timeout=args.stage_timeout,
+                            stages=stages, force=getattr(args, "force", False), gpus=_gpus(args.gpus),
+                            pull=getattr(args, "pull", False), dask_address=args.dask_address,
+                            dask_workers=args.dask_workers)
+    except StageFailed as err:
+        raise StageError(str(err), 2 if err.run.bad_input else 1) from None
+
+
+class StageError(Exception):
+    """A stage failed; the command exits with the stage's exit code."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.exit_code = code
+
+
+def _print_records(records: list[dict]) -> None:
+    for r in records:
+        device = f"  GPU {r['device']}" if r.get("device") else ""
+        print(f"  {r['name']:<14} {r['outcome']:<10} {r['seconds']:7.1f} s{device}", file=sys.stderr)
+
+
+def cmd_run(args) -> int:
+    project, ws = _prepared(args)
+    if args.pull or args.push:
+        team_cache.prepare(project, ws, write=args.push)
+    records = _curate(args, project, ws, args.stages or None)
+    _print_records(records)
+    if args.push:
+        team_cache.push(project, ws)
+    print(f"semiprune: done; outputs under {ws / 'artifacts'}, metrics under {ws / 'metrics'}", file=sys.stderr)
+    return 0
 
 
 def cmd_status(args) -> int:
-    project, ws, _ = _where(args)
-    return workspace.dvc(["status"], cwd=ws, project=project, check=False).returncode
+    from .stages import stage_graph, stale_downstream, stale_stages
+
+    project, ws = _prepared(args)
+    graph = stage_graph(ws)
+    stale = stale_stages(ws, env=workspace.dvc_env(project))
+    lock = ws / "dvc.lock"
+    recorded = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.exists() else {}
+    locked = set(recorded)
+    current = yaml.safe_load((ws / "params.yaml").read_text()) or {}
+    # a stage that only runs because dvc.yaml says always_changed (source: a stat of the raw files)
+    # changes nothing downstream unless its output changes, which only running it can tell
+    checks = {s.name for s in graph if s.always_changed and s.name in locked and stale.get(s.name) == ["always runs"]}
+    after = stale_downstream(graph, set(stale) - checks)
+    rows = []
+    for stage in graph:
+        if stage.name in checks:
+            rows.append({"stage": stage.name, "state": "checks", "why": ["runs on every repro (always_changed); cheap"]})
+        elif stage.name in stale and stage.name not in locked:
+            rows.append({"stage": stage.name, "state": "stale",
+                         "why": ["not run in this workspace yet (DVC restores it if the run-cache has the same run)"]})
+        elif stage.name in stale:
+            old = recorded[stage.name].get("params", {}).get("params.yaml", {})
+            why = [r for r in stale[stage.name] if not r.startswith("params")]
+            rows.append({"stage": stage.name, "state": "stale", "why": param_changes(old, current) + why})
+        elif stage.name in after:
+            ups = [u for u in stage.upstream if u in after]
+            rows.append({"stage": stage.name, "state": "may re-run",
+                         "why": [f"if {', '.join(ups)} produce{'s' if len(ups) == 1 else ''} new outputs"]})
+        else:
+            rows.append({"stage": stage.name, "state": "up to date", "why": []})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        why = row["why"] if len(row["why"]) <= 4 else [*row["why"][:4], f"{len(row['why']) - 4} more (--json lists all)"]
+        print(f"{row['stage']:<14} {row['state']:<11} {'; '.join(why)}".rstrip())
+    return 0
+
+
+def param_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key old -> new`` for every leaf of ``old`` (a dvc.lock params record) that ``new`` changed."""
+    out = []
+    for key in sorted(set(old) | set(new) if prefix else old):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) or isinstance(b, dict):
+            out += param_changes(a if isinstance(a, dict) else {}, b if isinstance(b, dict) else {}, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"param {prefix}{key} {a!r} -> {b!r}")
+    return out
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import plan_sweep, run_sweep
+
+    project = _project(args.project)
+    plan = plan_sweep(project, profile=args.profile, overrides=args.set, ratios=args.ratios, strategies=args.strategies)
+    print(f"semiprune: sweep of {len(plan)} runs ({len(args.ratios)} ratios x {len(args.strategies)} strategies)", file=sys.stderr)
+    try:
+        table = run_sweep(project, plan, workers=args.workers, stage_timeout=args.stage_timeout, gpus=_gpus(args.gpus),
+                          out=Path(args.out) if args.out else None)
+    except Exception as err:  # a stage failed in one run of the sweep
+        from .curation import StageFailed
+
+        if isinstance(err, StageFailed):
+            raise StageError(str(err), 2 if err.run.bad_input else 1) from None
+        raise
+    print(table.markdown)
+    print(f"semiprune: table written to {table.parquet} and {table.path}", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .curation import curation, task_runner
+
+    cron = validate_cron(args.cron)
+    project, ws = _prepared(args)
+    name = args.deployment or f"semiprune-{ws.name}"
+    flow_ = curation.with_options(task_runner=task_runner(args.workers, args.dask_address, args.dask_workers))
+    print(f"semiprune: serving deployment {name!r} on schedule {cron!r}; Ctrl-C stops it", file=sys.stderr)
+    flow_.serve(name=name, cron=cron, parameters={"workspace": str(ws), "project": str(project),
+                                                  "stage_timeout": args.stage_timeout, "gpus": _gpus(args.gpus)})
+    return 0
+
+
+def validate_cron(expr: str) -> str:
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    try:
+        CronSchedule(cron=expr)
+    except ValidationError:
+        raise ConfigError(f"cron expression {expr!r} does not parse",
+                          'give five fields: minute hour day-of-month month day-of-week, e.g. "0 3 * * *"') from None
+    return expr
+
+
+def cmd_remote(args) -> int:
+    name, url = team_cache.add_remote(_project(args.project), args.url, name=args.remote_name, local=args.local)
+    print(f"semiprune: remote {name!r} -> {url} is the default for push and run --pull", file=sys.stderr)
+    return 0
+
+
+def cmd_push(args) -> int:
+    project, ws = _prepared(args)
+    team_cache.push(project, ws)
+    return 0
+
+
+def cmd_pull(args) -> int:
+    project, ws = _prepared(args)
+    team_cache.pull(project, ws)
+    return 0
 
 
 def cmd_params(args) -> int:
@@ -80,12 +231,47 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--project", help="project folder (default: found from the current folder)")
         return p
 
-    run = with_params(sub.add_parser("run", help="run the pipeline (DVC re-runs only what is stale)"))
+    def orchestrated(p):
+        p.add_argument("--workers", type=int, default=2, help="stages at a time, e.g. the folds (default 2)")
+        p.add_argument("--stage-timeout", type=float, default=None, metavar="SECONDS",
+                       help="kill a stage that runs longer (default: no limit)")
+        p.add_argument("--gpus", default="auto",
+                       help="GPUs for model stages, e.g. 0,1; 'none'; default 'auto' (CUDA_VISIBLE_DEVICES or nvidia-smi)")
+        dask = p.add_mutually_exclusive_group()
+        dask.add_argument("--dask-address", help="run the stages on this Dask scheduler (tcp://host:8786)")
+        dask.add_argument("--dask-workers", type=int, help="run the stages on a local Dask cluster of N workers")
+        return p
+
+    run = orchestrated(with_params(sub.add_parser("run", help="run the pipeline as a Prefect flow (DVC re-runs only what is stale)")))
     run.add_argument("--force", action="store_true", help="re-run every stage even if cached")
+    run.add_argument("--pull", action="store_true", help="take each stage from the team remote's cache when it has it")
+    run.add_argument("--push", action="store_true", help="push outputs and run-cache to the team remote afterwards")
     run.add_argument("stages", nargs="*", help="run only up to these stages (default: all)")
     run.set_defaults(func=cmd_run)
-    status = with_params(sub.add_parser("status", help="show which stages are stale"))
+    status = with_params(sub.add_parser("status", help="show which stages are stale and why"))
+    status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=cmd_status)
+    sweep = orchestrated(with_params(sub.add_parser(
+        "sweep", help="select + evaluate for several ratios and strategies on the cached dynamics; one table")))
+    sweep.add_argument("--ratios", type=float, nargs="+", required=True, help="pruning ratios, e.g. 0.3 0.5 0.7")
+    sweep.add_argument("--strategies", nargs="+", required=True,
+                       help="strategies, each optionally with its score: random aum_cutoff dual_beta:oos_dual")
+    sweep.add_argument("--out", help="folder for sweep.parquet and sweep.md (default reports/sweep)")
+    sweep.set_defaults(func=cmd_sweep)
+    serve = orchestrated(with_params(sub.add_parser("serve", help="serve the flow as a Prefect deployment on a cron schedule")))
+    serve.add_argument("--cron", required=True, help='schedule, e.g. "0 3 * * *" (03:00 every day)')
+    serve.add_argument("--deployment", help="deployment name (default semiprune-<workspace>)")
+    serve.set_defaults(func=cmd_serve)
+    remote = sub.add_parser("remote", help="set the team's shared DVC remote (a directory, or s3://... with dvc[s3])")
+    remote.add_argument("url", help="a shared directory (default kind) or any DVC remote URL")
+    remote.add_argument("--remote-name", default="team", help="DVC remote name (default team)")
+    remote.add_argument("--local", action="store_true", help="only for this clone (.dvc/config.local), not committed")
+    remote.add_argument("--project", help="project folder (default: found from the current folder)")
+    remote.set_defaults(func=cmd_remote)
+    push = with_params(sub.add_parser("push", help="push outputs and DVC's run-cache to the team remote"))
+    push.set_defaults(func=cmd_push)
+    pull = with_params(sub.add_parser("pull", help="pull the outputs dvc.lock records (and the run-cache) from the team remote"))
+    pull.set_defaults(func=cmd_pull)
     params = with_params(sub.add_parser("params", help="print the effective params (params.yaml + profile + --set)"))
     params.add_argument("--materialize", action="store_true", help="also create the run workspace")
     params.set_defaults(func=cmd_params)
@@ -97,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except SemiPruneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except StageError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except subprocess.CalledProcessError as err:

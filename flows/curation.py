@@ -3,23 +3,35 @@
 Prefect decides when and where (parallel folds, retries, timeouts, logs, artifacts); DVC alone
 decides what is stale: each task is ``dvc repro --single-item STAGE``, which runs the stage,
 restores it from the run-cache, or finds it up to date. Stages that do not depend on each other
-(the ``score@k`` folds) run side by side, bounded by ``workers``.
+(the ``score@k`` folds) run side by side, bounded by ``workers``, on threads or on a Dask cluster.
 
-A stage that fails is retried with back-off, unless it refused its input (exit code 2): a retry
-would fail the same way. A failed stage fails the flow; the stages after it do not run.
+Starting a DVC process per stage costs about a second, so the flow first runs the stages that
+always run (``source``), then asks ``dvc status`` once: a stage that is neither stale nor
+downstream of a stale one is reported unchanged without a process.
+
+A stage that fails is retried with back-off, unless it refused its input (exit code 2) or ran out
+of time: a retry would fail the same way. A failed stage fails the flow; the stages after it do not
+run. With GPUs, each model-running stage (``meta: {gpu: true}``) gets one device through
+``CUDA_VISIBLE_DEVICES`` and holds that device's Prefect concurrency slot while it runs, so two flow
+runs (or two folds) never share a GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
 from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
-from .stages import StageRun, run_stage, stage_graph
+from .publish import publish_run
+from .stages import StageRun, run_stage, stage_graph, stale_downstream, stale_stages, upstream_closure
 from .workspace import dvc_env
 
 
@@ -30,33 +42,107 @@ class StageFailed(RuntimeError):
         super().__init__(f"stage {run.name} {run.outcome} (exit {run.returncode}): {last}")
 
 
-def _retry_unless_bad_input(task, task_run, state) -> bool:
+def _retry_transient(task, task_run, state) -> bool:
     exc = state.result(raise_on_failure=False)
-    return not (isinstance(exc, StageFailed) and exc.run.bad_input)
+    return not (isinstance(exc, StageFailed) and (exc.run.bad_input or exc.run.outcome == "timed out"))
 
 
-@task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_condition_fn=_retry_unless_bad_input,
+def gpu_slot(device: str) -> str:
+    """The Prefect global concurrency limit guarding one GPU of this machine."""
+    return f"semiprune-gpu-{socket.gethostname()}-{device}"
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs stages may use: ``CUDA_VISIBLE_DEVICES`` if set, else what ``nvidia-smi`` lists."""
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return [d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip() and d.strip() != "-1"]
+    if not shutil.which("nvidia-smi"):
+        return []
+    proc = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return [str(i) for i, line in enumerate(proc.stdout.splitlines()) if line.startswith("GPU ")] if proc.returncode == 0 else []
+
+
+@task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_condition_fn=_retry_transient,
       cache_policy=None, persist_result=False)
-def stage_task(workspace: str, project: str, name: str, timeout: float | None) -> dict:
-    """Run one stage through DVC; its output goes line by line to the task's log."""
+def stage_task(workspace: str, project: str, name: str, timeout: float | None = None, *, check: bool = True,
+               force: bool = False, pull: bool = False, device: str | None = None) -> dict:
+    """Run one stage through DVC; its output goes line by line to the task's log.
+
+    ``check=False``: ``dvc status`` found the stage and its upstream up to date, so no process runs.
+    ``device``: the GPU this stage gets to itself for as long as it runs.
+    """
+    record = {"name": name, "device": device, "worker": f"{socket.gethostname()}:{os.getpid()}"}
+    if not check and not force:
+        return {**record, "outcome": "unchanged", "returncode": 0, "seconds": 0.0}
     log = get_run_logger()
-    result = run_stage(Path(workspace), name, env=dvc_env(Path(project)), timeout=timeout, on_line=log.info)
+    env = dvc_env(Path(project))
+    guard = contextlib.nullcontext()
+    if device is not None:
+        from prefect.concurrency.sync import concurrency
+
+        env["CUDA_VISIBLE_DEVICES"] = device
+        guard = concurrency(gpu_slot(device), occupy=1, strict=True)
+    with guard:
+        result = run_stage(Path(workspace), name, env=env, timeout=timeout, force=force, pull=pull,
+                           on_line=log.info)
     if result.outcome in ("failed", "timed out"):
         raise StageFailed(result)
     log.info("stage %s %s in %.1f s", name, result.outcome, result.seconds)
-    return {k: v for k, v in asdict(result).items() if k != "tail"}
+    return {**record, **{k: v for k, v in asdict(result).items() if k not in ("tail", "name")}}
 
 
 @flow(name="semiprune-curation", log_prints=True)
-def curation(workspace: str, project: str | None = None, stage_timeout: float | None = None) -> list[dict]:
-    """Run every stage of ``workspace`` (a DVC repository); return one record per stage."""
-    ws = Path(workspace)
-    futures = {}
-    for stage in stage_graph(ws):
+def curation(workspace: str, project: str | None = None, stage_timeout: float | None = None,
+             stages: list[str] | None = None, force: bool = False, gpus: list[str] | None = None,
+             pull: bool = False, publish_rows: int = 1000) -> list[dict]:
+    """Run the stages of ``workspace`` (a DVC repository; ``stages``: only those and their upstream).
+
+    ``pull``: take each stage from the team remote when a run with the same inputs is there.
+
+    Returns one record per stage (outcome, seconds, device, worker) and publishes a summary and a
+    table of the pruned samples as Prefect artifacts.
+    """
+    ws, proj = Path(workspace), project or workspace
+    graph = stage_graph(ws)
+    if stages:
+        graph = upstream_closure(graph, list(stages))
+    gpus = visible_gpus() if gpus is None else list(gpus)
+    if gpus:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            for device in gpus:
+                client.upsert_global_concurrency_limit_by_name(gpu_slot(device), limit=1)
+
+    futures, gpu_stages = {}, 0
+
+    def submit(stage, check: bool):
+        nonlocal gpu_stages
+        device = None
+        if stage.gpu and gpus:
+            device, gpu_stages = gpus[gpu_stages % len(gpus)], gpu_stages + 1
         futures[stage.name] = stage_task.with_options(task_run_name=stage.name).submit(
-            str(ws), project or str(ws), stage.name, stage_timeout, wait_for=[futures[u] for u in stage.upstream])
+            str(ws), proj, stage.name, stage_timeout, check=check, force=force, pull=pull, device=device,
+            wait_for=[futures[u] for u in stage.upstream if u in futures])
+
+    first = [s for s in graph if s.always_changed and not s.upstream]
+    for stage in first:
+        submit(stage, True)
+    for stage in first:
+        futures[stage.name].wait()
+    if all(futures[s.name].state.is_completed() for s in first):
+        # the stages just run are current now; `dvc status` still lists them as "always changed"
+        fresh = set(stale_stages(ws, env=dvc_env(Path(proj)))) - {s.name for s in first}
+        stale = stale_downstream(graph, fresh)
+    else:
+        stale = {s.name for s in graph}  # the rest will not run anyway
+    for stage in graph:
+        if stage.name not in futures:
+            submit(stage, stage.name in stale)
+
     records, failed = [], None
-    for name, future in futures.items():
+    for stage in graph:
+        future = futures[stage.name]
         future.wait()
         state = future.state
         if state.is_completed():
@@ -67,22 +153,30 @@ def curation(workspace: str, project: str | None = None, stage_timeout: float | 
             error = state.result(raise_on_failure=False)
             outcome = error.run.outcome if isinstance(error, StageFailed) else "failed"
             failed = failed or error
-        records.append({"name": name, "outcome": outcome, "returncode": None, "seconds": 0.0})
-    create_markdown_artifact(key="semiprune-run", markdown=_summary(records), description="stages of this run")
+        records.append({"name": stage.name, "outcome": outcome, "returncode": None, "seconds": 0.0,
+                        "device": None, "worker": None})
+    publish_run(ws, records, max_rows=publish_rows)
     if failed is not None:
         raise failed if isinstance(failed, BaseException) else RuntimeError(str(failed))
     return records
 
 
-def run_curation(workspace: Path, *, project: Path | None = None, workers: int = 2,
-                 stage_timeout: float | None = None) -> list[dict]:
+def task_runner(workers: int = 2, dask_address: str | None = None, dask_workers: int | None = None):
+    """Threads on this machine (default), an existing Dask cluster, or a local Dask cluster."""
+    if dask_address or dask_workers:
+        from prefect_dask import DaskTaskRunner
+
+        if dask_address:
+            return DaskTaskRunner(address=dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": dask_workers, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})
+    return ThreadPoolTaskRunner(max_workers=workers)
+
+
+def run_curation(workspace: Path, *, project: Path | None = None, workers: int = 2, stage_timeout: float | None = None,
+                 stages: list[str] | None = None, force: bool = False, gpus: list[str] | None = None,
+                 pull: bool = False, dask_address: str | None = None, dask_workers: int | None = None) -> list[dict]:
     """The curation flow with at most ``workers`` stages at a time (the folds fan out)."""
-    return curation.with_options(task_runner=ThreadPoolTaskRunner(max_workers=workers))(
-        str(workspace), str(project) if project else None, stage_timeout)
-
-
-def _summary(records: list[dict]) -> str:
-    rows = "\n".join(f"| {r['name']} | {r['outcome']} | {r['seconds']:.1f} |" for r in records)
-    reused = [r["name"] for r in records if r["outcome"] in ("restored", "unchanged")]
-    return (f"# semiprune run\n\n| stage | outcome | seconds |\n|---|---|---|\n{rows}\n\n"
-            f"Re-used from cache: {', '.join(reused) or 'nothing'}.\n")
+    runner = task_runner(workers, dask_address, dask_workers)
+    return curation.with_options(task_runner=runner)(
+        str(workspace), str(project) if project else None, stage_timeout, stages, force, gpus, pull)

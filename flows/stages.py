@@ -9,8 +9,7 @@ restored from the run-cache, or is already up to date; this module only reports 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
+import json
 import subprocess
 import sys
 import threading
@@ -30,10 +29,16 @@ BAD_INPUT_EXIT = 2  # a stage's "bad input or config" exit code (tasks/_stage.py
 
 @dataclass(frozen=True)
 class Stage:
-    """A DVC stage (``score@0`` for a foreach item) and the stages whose outputs it reads."""
+    """A DVC stage (``score@0`` for a foreach item) and the stages whose outputs it reads.
+
+    ``always_changed`` stages run on every repro; ``gpu`` marks a stage that trains or runs a model
+    (``meta: {gpu: true}`` in dvc.yaml), so it gets a device of its own when there are GPUs.
+    """
 
     name: str
     upstream: tuple[str, ...]
+    always_changed: bool = False
+    gpu: bool = False
 
 
 def stage_graph(workspace: Path) -> list[Stage]:
@@ -42,6 +47,8 @@ def stage_graph(workspace: Path) -> list[Stage]:
     from dvc.exceptions import DvcException, NotDvcRepoError
     from dvc.repo import Repo
 
+    if not (workspace / ".dvc").is_dir():  # not a parent's repository either: this folder must be one
+        raise ConfigError(f"{workspace} is not a DVC repository", "run from the project root (or `dvc init` there)")
     try:
         repo = Repo(str(workspace))
     except NotDvcRepoError:
@@ -49,7 +56,8 @@ def stage_graph(workspace: Path) -> list[Stage]:
     try:
         graph = repo.index.graph  # edges run from a stage to the stages it depends on
         order = nx.lexicographical_topological_sort(graph.reverse(copy=False), key=lambda s: s.name)
-        return [Stage(s.name, tuple(sorted(u.name for u in graph.successors(s)))) for s in order]
+        return [Stage(s.name, tuple(sorted(u.name for u in graph.successors(s))), bool(s.always_changed),
+                      bool((s.meta or {}).get("gpu"))) for s in order]
     except DvcException as err:
         raise ConfigError(f"DVC cannot read the pipeline in {workspace}: {err}", "fix dvc.yaml") from None
     finally:
@@ -81,23 +89,88 @@ def outcome_of(name: str, lines: list[str] | tuple[str, ...]) -> str:
     return "unknown"
 
 
+def upstream_closure(stages: list[Stage], names: list[str]) -> list[Stage]:
+    """``stages`` reduced to ``names`` and every stage they depend on, in the same order."""
+    by_name = {s.name: s for s in stages}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ConfigError(f"unknown stage {', '.join(unknown)}", f"choose from: {', '.join(by_name)}")
+    keep, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name not in keep:
+            keep.add(name)
+            todo.extend(by_name[name].upstream)
+    return [s for s in stages if s.name in keep]
+
+
+def stale_stages(workspace: Path, *, env: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """The stages ``dvc status`` finds changed, each with why, in words.
+
+    A stage missing here is up to date *now*; it becomes stale if a stage upstream of it produces
+    different outputs when it runs, so callers treat the downstream of a stale stage as stale too.
+    """
+    proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=workspace, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError(f"dvc status failed in {workspace}: {last}", "fix the DVC repository (run `dvc status` there)")
+    return {name: _reasons(entries) for name, entries in json.loads(proc.stdout or "{}").items()}
+
+
+def _reasons(entries: list) -> list[str]:
+    words = {"always changed": "always runs", "changed command": "its command changed",
+             "changed checksum": "dvc.lock was edited"}
+    reasons = []
+    for entry in entries:
+        if isinstance(entry, str):
+            reasons.append(words.get(entry, entry))
+            continue
+        for kind, changes in entry.items():
+            what = "output" if "outs" in kind else "dependency"
+            for path, change in changes.items():
+                if isinstance(change, dict):  # a params file: which keys
+                    reasons.append(f"params {', '.join(f'{k} {v}' for k, v in change.items())}")
+                else:
+                    reasons.append(f"{what} {path} {change}")
+    return sorted(reasons, key=lambda r: not r.startswith("params"))  # the usual cause first (stable sort)
+
+
+def stale_downstream(stages: list[Stage], stale: set[str]) -> set[str]:
+    """``stale`` and every stage downstream of it: the stages DVC must look at again."""
+    out = set(stale)
+    for stage in stages:  # graph order: upstream first
+        if any(u in out for u in stage.upstream):
+            out.add(stage.name)
+    return out
+
+
 def run_stage(workspace: Path, name: str, *, env: dict[str, str] | None = None, timeout: float | None = None,
-              on_line: Callable[[str], None] = lambda line: None, keep: int = 40) -> StageRun:
+              force: bool = False, pull: bool = False, on_line: Callable[[str], None] = lambda line: None, keep: int = 40) -> StageRun:
     """Run one stage through DVC in a subprocess, passing each output line to ``on_line``.
 
-    Past ``timeout`` seconds the whole process group (DVC and the stage it runs) is killed and the
-    outcome is ``timed out``. DVC's lock wait lets fold stages run side by side.
+    Past ``timeout`` seconds the process tree (DVC and the stage it runs) is killed and the
+    outcome is ``timed out``. ``pull``: DVC takes the stage from the default remote's run-cache
+    (outputs included) when a run with the same inputs is there. DVC's lock wait lets fold stages run side by side. DVC deletes a
+    stage's outputs before running it; if the stage fails, the outputs of its last good run
+    (recorded in dvc.lock and kept in the cache) are put back, so a failure loses nothing.
     """
-    cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", name]
+    cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", name] + (["--force"] if force else []) + (["--pull"] if pull else [])
     started = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1, start_new_session=True)
+                            text=True, bufsize=1)
+    # same process group as the caller: killing a run (its group) kills its stages too
     timed_out = threading.Event()
 
-    def kill() -> None:
+    def kill() -> None:  # DVC and the stage command it started
+        import psutil
+
         timed_out.set()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            tree = psutil.Process(proc.pid)
+            for p in [*tree.children(recursive=True), tree]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.kill()
 
     timer = threading.Timer(timeout, kill) if timeout else None
     if timer:
@@ -121,5 +194,8 @@ def run_stage(workspace: Path, name: str, *, env: dict[str, str] | None = None, 
         outcome = "failed"
     else:
         outcome = reported
+    if outcome in ("failed", "timed out"):
+        subprocess.run([sys.executable, "-m", "dvc", "--wait-for-lock", "checkout", "--quiet", name], cwd=workspace,
+                       env=env, capture_output=True)  # fails harmlessly when the stage never succeeded
     return StageRun(name, outcome, rc, round(time.monotonic() - started, 2), tuple(tail))
 

@@ -1,4 +1,4 @@
-"""Prefect's test harness (one temporary server for the session) and tiny real DVC repositories."""
+"""Tiny real DVC repositories for the flow tests (Prefect's harness is in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 
 def dvc_env() -> dict[str, str]:
@@ -25,13 +23,3 @@ def dvc_repo(path: Path, dvc_yaml: str, scripts: dict[str, str] | None = None) -
     for name, text in (scripts or {}).items():
         (path / name).write_text(text)
     return path
-
-
-@pytest.fixture(scope="session")
-def prefect_harness(tmp_path_factory):
-    os.environ.setdefault("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield

@@ -34,6 +34,12 @@ def copy_project(dest: Path) -> Path:
     return dest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _prefect_server(prefect_harness):
+    """`semiprune run` is a Prefect flow: every command here reports to the session's test server."""
+    return prefect_harness
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     return copy_project(tmp_path / "project")

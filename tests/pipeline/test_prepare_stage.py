@@ -106,10 +106,10 @@ def test_prepare_reruns_when_the_image_folder_changes_and_only_then(project, tmp
             "--set", "data.channels=1", "--set", "data.labeled.per_class=null", "--name", "folder", "prepare"]
     ws = project / "runs" / "folder"
     first = run_cli(project, "run", *args, check=True)
-    assert "Running stage 'prepare'" in first.stdout
+    assert "Running stage 'prepare'" in first.stderr
     again = run_cli(project, "run", *args, check=True)
-    assert "Running stage 'source'" in again.stdout and "Running stage 'prepare'" not in again.stdout
+    assert "Running stage 'source'" in again.stderr and "Running stage 'prepare'" not in again.stderr
     png(root / "cat" / "new.png", 99)
     changed = run_cli(project, "run", *args, check=True)
-    assert "Running stage 'prepare'" in changed.stdout
+    assert "Running stage 'prepare'" in changed.stderr
     assert pq.read_table(ws / "artifacts/prepare/manifest.parquet").num_rows == 13

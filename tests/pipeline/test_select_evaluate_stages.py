@@ -61,6 +61,54 @@ def test_the_whole_pipeline_writes_a_selection_and_an_evaluation(smoke):
     assert history[0].startswith("epoch,loss,acc") and len(history) == 16
 
 
+def test_the_run_publishes_its_summary_and_the_pruned_samples_to_prefect(smoke):
+    from prefect.artifacts import Artifact
+
+    summary = Artifact.get("semiprune-run").data  # the fixture's run is the latest one
+    assert "| evaluate | ran |" in summary and "Test accuracy" in summary and "ratio: 0.5" in summary
+    assert "kept 1000 of 2000, pruned 1000" in summary
+    pruned = Artifact.get("semiprune-pruned")
+    rows = json.loads(pruned.data)
+    assert pruned.description.startswith("1000 pruned samples (all shown)") and len(rows) == 1000
+    table = pq.read_table(smoke / "runs/smoke/artifacts/select/selection.parquet").to_pandas()
+    assert {r["sample_id"] for r in rows} == set(table.loc[~table["is_kept"], "sample_id"])
+    assert {r["reason"] for r in rows} <= set(REASONS.values())
+
+
+def test_status_says_which_stages_are_stale_and_why(smoke):
+    run_cli(smoke, "run", *SMOKE, check=True)
+    clean = run_cli(smoke, "status", *SMOKE, check=True).stdout
+    assert all(line.split()[1] in ("checks", "up") for line in clean.splitlines()), clean
+    edited = run_cli(smoke, "status", *SMOKE, "--set", "select.ratio=0.7", "--json", check=True).stdout
+    rows = {r["stage"]: r for r in json.loads(edited)}
+    assert rows["select"]["state"] == "stale" and rows["select"]["why"] == ["param select.ratio 0.5 -> 0.7"]
+    assert rows["evaluate"]["state"] == "may re-run" and rows["ssl_train"]["state"] == "up to date"
+    run_cli(smoke, "params", *SMOKE, "--materialize", check=True)  # the workspace's params as the fixture made them
+
+
+def test_a_sweep_reuses_the_dynamics_and_writes_one_table(smoke):
+    proc = run_cli(smoke, "sweep", "--profile", "smoke", "--ratios", "0.3", "0.6",
+                   "--strategies", "random", "aum_cutoff", check=True)
+    table = pq.read_table(smoke / "reports/sweep/sweep.parquet").to_pandas()
+    assert sorted(zip(table["strategy"], table["ratio"])) == [("aum_cutoff", 0.3), ("aum_cutoff", 0.6),
+                                                             ("random", 0.3), ("random", 0.6)]
+    assert (table.loc[table["ratio"] == 0.3, "n_kept"] == 1400).all() and (table.loc[table["ratio"] == 0.6, "n_kept"] == 800).all()
+    assert table["test_accuracy"].between(0.1, 1).all()
+    # nothing upstream of select trained again: each run restored it from the shared run-cache
+    assert set(",".join(table["ran"]).split(",")) == {"source", "select", "evaluate"}, table["ran"].tolist()
+    assert "| random | " in proc.stdout and (smoke / "reports/sweep/sweep.md").exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--ratios", "0.3", "0.3", "--strategies", "random"], "duplicate ratio in the sweep: 0.3"),
+    (["--ratios", "0.3", "--strategies", "greedy"], "select.strategy"),
+    (["--ratios", "1.3", "--strategies", "random"], "select.ratio"),
+])
+def test_a_bad_sweep_is_refused_before_anything_runs(smoke, args, message):
+    proc = run_cli(smoke, "sweep", "--profile", "smoke", *args)
+    assert proc.returncode == 2 and message in proc.stderr.splitlines()[-1], proc.stderr[-1500:]
+
+
 def test_changing_only_the_ratio_reruns_only_select_and_evaluate(smoke):
     ws = smoke / "runs" / "smoke"
     upstream = {p: digest(p) for p in sorted((ws / "artifacts").rglob("*")) if p.is_file() and "select" not in p.parts}
