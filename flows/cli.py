@@ -197,6 +197,12 @@ def cmd_remote(args) -> int:
     return 0
 
 
+def cmd_remote_show(args) -> int:
+    name, url = team_cache.default_remote(_project(args.project))
+    print(f"{name}\t{url}")
+    return 0
+
+
 def cmd_push(args) -> int:
     project, ws = _prepared(args)
     team_cache.push(project, ws)
@@ -262,12 +268,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--cron", required=True, help='schedule, e.g. "0 3 * * *" (03:00 every day)')
     serve.add_argument("--deployment", help="deployment name (default semiprune-<workspace>)")
     serve.set_defaults(func=cmd_serve)
-    remote = sub.add_parser("remote", help="set the team's shared DVC remote (a directory, or s3://... with dvc[s3])")
-    remote.add_argument("url", help="a shared directory (default kind) or any DVC remote URL")
-    remote.add_argument("--remote-name", default="team", help="DVC remote name (default team)")
-    remote.add_argument("--local", action="store_true", help="only for this clone (.dvc/config.local), not committed")
-    remote.add_argument("--project", help="project folder (default: found from the current folder)")
-    remote.set_defaults(func=cmd_remote)
+    remote = sub.add_parser("remote", help="the team's shared DVC remote (a directory, or s3://... with dvc[s3])")
+    remote_sub = remote.add_subparsers(dest="remote_command", required=True)
+    add = remote_sub.add_parser("add", help="make URL the default remote")
+    add.add_argument("url", help="a shared directory (default kind) or any DVC remote URL")
+    add.add_argument("--remote-name", default="team", help="DVC remote name (default team)")
+    add.add_argument("--local", action="store_true", help="only for this clone (.dvc/config.local), not committed")
+    add.add_argument("--project", help="project folder (default: found from the current folder)")
+    add.set_defaults(func=cmd_remote)
+    show = remote_sub.add_parser("show", help="print the default remote")
+    show.add_argument("--project", help="project folder (default: found from the current folder)")
+    show.set_defaults(func=cmd_remote_show)
     push = with_params(sub.add_parser("push", help="push outputs and DVC's run-cache to the team remote"))
     push.set_defaults(func=cmd_push)
     pull = with_params(sub.add_parser("pull", help="pull the outputs dvc.lock records (and the run-cache) from the team remote"))
