@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,11 +57,31 @@ def _gpus(text: str | None) -> list[str] | None:
     return [] if text == "none" else [d.strip() for d in text.split(",") if d.strip()]
 
 
+def _workers(args, params: dict) -> int:
+    """Stages at a time: ``--workers``, else one per GPU, else as many as the CPU has room for.
+
+    A CPU stage uses ``base.threads`` torch threads (0 = every core). Two such stages at once on
+    the same cores run slower than one after the other (each fold took 3.5x longer on 2 cores), and
+    lowering a stage's threads behind its back would change its float sums, so by default the
+    flow only runs stages side by side when their threads fit the cores.
+    """
+    if args.workers:
+        return args.workers
+    from .curation import visible_gpus
+
+    gpus = _gpus(args.gpus)
+    gpus = visible_gpus() if gpus is None else gpus
+    if gpus:
+        return len(gpus)
+    cores = os.cpu_count() or 1
+    return max(1, cores // (params["base"].get("threads") or cores))
+
+
 def _curate(args, project: Path, ws: Path, stages: list[str] | None = None) -> list[dict]:
     from .curation import StageFailed, run_curation
 
     try:
-        return run_curation(ws, project=project, workers=args.workers, stage_timeout=args.stage_timeout,
+        return run_curation(ws, project=project, workers=_workers(args, yaml.safe_load((ws / "params.yaml").read_text())), stage_timeout=args.stage_timeout,
                             stages=stages, force=getattr(args, "force", False), gpus=_gpus(args.gpus),
                             pull=getattr(args, "pull", False), dask_address=args.dask_address,
                             dask_workers=args.dask_workers)
@@ -153,7 +174,7 @@ def cmd_sweep(args) -> int:
     plan = plan_sweep(project, profile=args.profile, overrides=args.set, ratios=args.ratios, strategies=args.strategies)
     print(f"semiprune: sweep of {len(plan)} runs ({len(args.ratios)} ratios x {len(args.strategies)} strategies)", file=sys.stderr)
     try:
-        table = run_sweep(project, plan, workers=args.workers, stage_timeout=args.stage_timeout, gpus=_gpus(args.gpus),
+        table = run_sweep(project, plan, workers=_workers(args, plan[0].params), stage_timeout=args.stage_timeout, gpus=_gpus(args.gpus),
                           out=Path(args.out) if args.out else None)
     except Exception as err:  # a stage failed in one run of the sweep
         from .curation import StageFailed
@@ -172,7 +193,8 @@ def cmd_serve(args) -> int:
     cron = validate_cron(args.cron)
     project, ws = _prepared(args)
     name = args.deployment or f"semiprune-{ws.name}"
-    flow_ = curation.with_options(task_runner=task_runner(args.workers, args.dask_address, args.dask_workers))
+    workers = _workers(args, yaml.safe_load((ws / "params.yaml").read_text()))
+    flow_ = curation.with_options(task_runner=task_runner(workers, args.dask_address, args.dask_workers))
     print(f"semiprune: serving deployment {name!r} on schedule {cron!r}; Ctrl-C stops it", file=sys.stderr)
     flow_.serve(name=name, cron=cron, parameters={"workspace": str(ws), "project": str(project),
                                                   "stage_timeout": args.stage_timeout, "gpus": _gpus(args.gpus)})
@@ -238,7 +260,8 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     def orchestrated(p):
-        p.add_argument("--workers", type=int, default=2, help="stages at a time, e.g. the folds (default 2)")
+        p.add_argument("--workers", type=int, default=None,
+                       help="stages at a time, e.g. the folds (default: one per GPU; on CPU, as many as base.threads fit the cores)")
         p.add_argument("--stage-timeout", type=float, default=None, metavar="SECONDS",
                        help="kill a stage that runs longer (default: no limit)")
         p.add_argument("--gpus", default="auto",

@@ -77,3 +77,13 @@ def test_a_transient_failure_is_retried(prefect_harness, tmp_path):
     records = run_curation(repo, workers=1)
     assert {r["name"]: r["outcome"] for r in records}["join"] == "ran"
     assert runs(repo, "flaky0") == runs(repo, "flaky1") == 2  # one failure, then a retry that succeeds
+
+
+def test_a_stage_past_its_timeout_is_killed_and_not_retried(prefect_harness, tmp_path):
+    pipeline = PIPELINE.replace("python count.py join && python -c",
+                                "python count.py join && python -c \"import time; time.sleep(60)\" && python -c")
+    repo = dvc_repo(tmp_path / "p", pipeline, {"count.py": COUNT})
+    with pytest.raises(StageFailed, match="stage join timed out"):
+        run_curation(repo, workers=2, stage_timeout=5)
+    assert runs(repo, "join") == 1  # once: a stage that ran out of time would do so again
+    assert (repo / "f0.txt").exists() and not (repo / "j.txt").exists()
