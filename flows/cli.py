@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -237,6 +238,57 @@ def cmd_pull(args) -> int:
     return 0
 
 
+def _existing(args) -> tuple[Path, Path]:
+    """(project, workspace) of a finished or running run, never creating one (read-only commands)."""
+    project = _project(args.project)
+    if not args.profile and not args.set and not args.name:
+        return project, project
+    name = args.name or workspace.workspace_name(args.profile, args.set)
+    ws = project / workspace.RUNS / name
+    if not ws.is_dir():
+        runs = sorted(p.name for p in (project / workspace.RUNS).glob("*") if p.is_dir()) if (project / workspace.RUNS).is_dir() else []
+        raise ConfigError(f"no run {name!r} under {workspace.RUNS}/", f"run it first, or name one of: {', '.join(runs) or 'none yet'}")
+    return project, ws
+
+
+def cmd_explain(args) -> int:
+    from .audit_commands import explain_sample
+
+    facts = explain_sample(_existing(args)[1], args.sample_id)
+    if args.json:
+        print(json.dumps({k: v for k, v in facts.items() if k != "lines"}, indent=2, default=str))
+    else:
+        print("\n".join(facts["lines"]))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .audit_commands import export_samples
+
+    out = Path(args.output) if args.output else None
+    n = export_samples(_existing(args)[1], pruned=args.pruned, paths=args.paths, out=out)
+    if out:
+        print(f"semiprune: {n} {'pruned' if args.pruned else 'kept'} samples written to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_diff(args) -> int:
+    from .audit_commands import diff_results, format_diff
+
+    result = diff_results(_project(args.project), args.a, args.b)
+    print(json.dumps(result, indent=2) if args.json else format_diff(result))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import build_report
+
+    project, ws = _existing(args)
+    path = build_report(ws, project)
+    print(f"semiprune: report written to {path}", file=sys.stderr)
+    return 0
+
+
 def cmd_params(args) -> int:
     if args.materialize:
         _, _, params = _where(args)
@@ -306,6 +358,23 @@ def _parser() -> argparse.ArgumentParser:
     push.set_defaults(func=cmd_push)
     pull = with_params(sub.add_parser("pull", help="pull the outputs dvc.lock records (and the run-cache) from the team remote"))
     pull.set_defaults(func=cmd_pull)
+    explain = with_params(sub.add_parser("explain", help="why one sample was kept or pruned"))
+    explain.add_argument("sample_id", help="e.g. train/000123 (see `semiprune export`)")
+    explain.add_argument("--json", action="store_true", help="machine-readable output")
+    explain.set_defaults(func=cmd_explain)
+    export = with_params(sub.add_parser("export", help="the kept (or pruned) samples as ids or file paths"))
+    export.add_argument("--pruned", action="store_true", help="the pruned samples instead of the kept ones")
+    export.add_argument("--paths", action="store_true", help="file paths instead of ids (folder datasets)")
+    export.add_argument("-o", "--output", help="FILE.txt, FILE.csv or FILE.parquet (default: ids on stdout)")
+    export.set_defaults(func=cmd_export)
+    report = with_params(sub.add_parser("report", help="write reports/report.html (the flow also does, after each run)"))
+    report.set_defaults(func=cmd_report)
+    diff = sub.add_parser("diff", help="which samples changed status between two runs or revisions, and why")
+    diff.add_argument("a", help="'.', a run under runs/, or a git revision")
+    diff.add_argument("b", help="the same kinds")
+    diff.add_argument("--json", action="store_true", help="machine-readable output")
+    diff.add_argument("--project", help="project folder (default: found from the current folder)")
+    diff.set_defaults(func=cmd_diff)
     params = with_params(sub.add_parser("params", help="print the effective params (params.yaml + profile + --set)"))
     params.add_argument("--materialize", action="store_true", help="also create the run workspace")
     params.set_defaults(func=cmd_params)
@@ -313,6 +382,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGPIPE") and argv is None:  # `semiprune export | head` ends quietly
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = _parser().parse_args(argv)
     try:
         return args.func(args)

@@ -155,7 +155,7 @@ def curation(workspace: str, project: str | None = None, stage_timeout: float | 
             failed = failed or error
         records.append({"name": stage.name, "outcome": outcome, "returncode": None, "seconds": 0.0,
                         "device": None, "worker": None})
-    publish_run(ws, records, max_rows=publish_rows)
+    publish_run(ws, records, max_rows=publish_rows, project=Path(proj))
     if failed is not None:
         raise failed if isinstance(failed, BaseException) else RuntimeError(str(failed))
     return records

@@ -70,11 +70,30 @@ def pruned_rows(ws: Path, max_rows: int) -> tuple[list[dict], int]:
     return top.to_pylist(), pruned.num_rows
 
 
-def publish_run(ws: Path, records: list[dict], *, max_rows: int = 1000) -> None:
-    """Publish the summary (key ``semiprune-run``) and the pruned-samples table (``semiprune-pruned``)."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+def refresh_report(ws: Path, records: list[dict], project: Path | None) -> Path | None:
+    """Record the run and rebuild ``reports/report.html`` when this run changed anything it shows."""
+    from .report import REPORT, build_report, record_run
 
-    create_markdown_artifact(key=SUMMARY_KEY, markdown=summary_markdown(ws, records),
+    record_run(ws, records)
+    if not (ws / "artifacts/audit/audit.parquet").exists():
+        return None
+    if (ws / REPORT).exists() and all(r["outcome"] == "unchanged" for r in records if r["name"] != "source"):
+        return ws / REPORT
+    return build_report(ws, project)
+
+
+def publish_run(ws: Path, records: list[dict], *, max_rows: int = 1000, project: Path | None = None) -> None:
+    """Publish the summary (key ``semiprune-run``), the pruned-samples table (``semiprune-pruned``)
+    and a link to the report (``semiprune-report``)."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+    report = refresh_report(ws, records, project)
+    summary = summary_markdown(ws, records)
+    if report is not None:
+        summary += f"\nReport: [{report}]({report.resolve().as_uri()})\n"
+        create_link_artifact(key="semiprune-report", link=report.resolve().as_uri(), link_text=str(report),
+                             description=f"the HTML report of workspace {ws.name}")
+    create_markdown_artifact(key=SUMMARY_KEY, markdown=summary,
                              description=f"stages, cache re-use, selection and accuracy of workspace {ws.name}")
     rows, total = pruned_rows(ws, max_rows)
     if total:

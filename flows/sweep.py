@@ -116,8 +116,7 @@ def sweep_flow(project: str, plan: list[SweepRun], workers: int = 2, stage_timeo
         print(f"sweep {i}/{len(plan)}: {run.strategy} ({run.score}) at ratio {run.ratio} in runs/{run.name}")
         ws = ensure_workspace(root, run.name, run.params)
         clear_stale_dvc_locks(ws)
-        records = run_curation(ws, project=root, workers=workers, stage_timeout=stage_timeout, stages=["evaluate"],
-                               gpus=gpus)
+        records = run_curation(ws, project=root, workers=workers, stage_timeout=stage_timeout, gpus=gpus)
         rows.append(_row(run, ws, records))
     table = write_table(rows, Path(out) if out else root / "reports" / "sweep")
     create_markdown_artifact(key="semiprune-sweep", markdown=table.markdown, description="sweep over strategies and ratios")

@@ -17,6 +17,7 @@ PSEUDO_LABELS = Path("artifacts/pseudo/pseudo_labels.parquet")
 SCORES = Path("artifacts/scores/scores.parquet")
 SELECTION = Path("artifacts/select/selection.parquet")
 KEPT = Path("artifacts/select/kept.txt")
+AUDIT = Path("artifacts/audit/audit.parquet")
 
 
 def dynamics_path(fold: int) -> Path:

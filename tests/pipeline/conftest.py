@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,6 +44,29 @@ def _prefect_server(prefect_harness):
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     return copy_project(tmp_path / "project")
+
+
+SMOKE = ["--profile", "smoke", "--name", "smoke"]
+
+
+def ran(proc: subprocess.CompletedProcess) -> set[str]:
+    """The stages whose command DVC actually executed in this run."""
+    return set(re.findall(r"Running stage '([^']+)'", proc.stdout + proc.stderr))
+
+
+@pytest.fixture(scope="session")
+def smoke(tmp_path_factory, _prefect_server) -> Path:
+    """A project copy after one full smoke-profile run of the whole pipeline (workspace runs/smoke).
+
+    Shared by several modules: a test that changes it puts it back as it was.
+    """
+    if not FMNIST.exists():
+        pytest.skip("Fashion-MNIST not installed")
+    project = copy_project(tmp_path_factory.mktemp("smoke") / "project")
+    proc = run_cli(project, "run", *SMOKE, check=True)
+    assert ran(proc) == {"source", "prepare", "ssl_train", "pseudo_label", "score@0", "score@1", "scores", "select",
+                         "audit", "evaluate"}
+    return project
 
 
 def run_cli(project: Path, *args: str, check: bool = False) -> subprocess.CompletedProcess:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,29 +16,13 @@ import pytest
 
 from semiprune_core.selection import REASONS
 
-from .conftest import copy_project, needs_fmnist, run_cli
+from .conftest import SMOKE, needs_fmnist, ran, run_cli
 
 pytestmark = needs_fmnist
-SMOKE = ["--profile", "smoke", "--name", "smoke"]
-UPSTREAM = ("ssl_train", "pseudo_label", "score@0", "score@1", "scores")
-
-
-def ran(proc: subprocess.CompletedProcess) -> set[str]:
-    """The stages whose command DVC actually executed in this run."""
-    return set(re.findall(r"Running stage '([^']+)'", proc.stdout + proc.stderr))
 
 
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory) -> Path:
-    """One full smoke-profile run of the whole pipeline; returns its workspace."""
-    project = copy_project(tmp_path_factory.mktemp("select") / "project")
-    proc = run_cli(project, "run", *SMOKE, check=True)
-    assert ran(proc) == {"source", "prepare", *UPSTREAM, "select", "evaluate"}
-    return project
 
 
 def test_the_whole_pipeline_writes_a_selection_and_an_evaluation(smoke):
@@ -64,8 +47,9 @@ def test_the_whole_pipeline_writes_a_selection_and_an_evaluation(smoke):
 def test_the_run_publishes_its_summary_and_the_pruned_samples_to_prefect(smoke):
     from prefect.artifacts import Artifact
 
-    summary = Artifact.get("semiprune-run").data  # the fixture's run is the latest one
-    assert "| evaluate | ran |" in summary and "Test accuracy" in summary and "ratio: 0.5" in summary
+    run_cli(smoke, "run", *SMOKE, check=True)  # nothing to do, but a run that publishes: the latest
+    summary = Artifact.get("semiprune-run").data
+    assert "| evaluate | unchanged |" in summary and "Test accuracy" in summary and "ratio: 0.5" in summary
     assert "kept 1000 of 2000, pruned 1000" in summary
     pruned = Artifact.get("semiprune-pruned")
     rows = json.loads(pruned.data)
@@ -95,7 +79,7 @@ def test_a_sweep_reuses_the_dynamics_and_writes_one_table(smoke):
     assert (table.loc[table["ratio"] == 0.3, "n_kept"] == 1400).all() and (table.loc[table["ratio"] == 0.6, "n_kept"] == 800).all()
     assert table["test_accuracy"].between(0.1, 1).all()
     # nothing upstream of select trained again: each run restored it from the shared run-cache
-    assert set(",".join(table["ran"]).split(",")) == {"source", "select", "evaluate"}, table["ran"].tolist()
+    assert set(",".join(table["ran"]).split(",")) == {"source", "select", "audit", "evaluate"}, table["ran"].tolist()
     assert "| random | " in proc.stdout and (smoke / "reports/sweep/sweep.md").exists()
 
 
@@ -111,19 +95,19 @@ def test_a_bad_sweep_is_refused_before_anything_runs(smoke, args, message):
 
 def test_changing_only_the_ratio_reruns_only_select_and_evaluate(smoke):
     ws = smoke / "runs" / "smoke"
-    upstream = {p: digest(p) for p in sorted((ws / "artifacts").rglob("*")) if p.is_file() and "select" not in p.parts}
+    upstream = {p: digest(p) for p in sorted((ws / "artifacts").rglob("*")) if p.is_file() and not {"select", "audit"} & set(p.parts)}
     before = digest(ws / "artifacts/select/selection.parquet"), (ws / "metrics/evaluate.json").read_text()
 
     changed = run_cli(smoke, "run", *SMOKE, "--set", "select.ratio=0.7", check=True)
     # `source` is the always-run stat of the raw files; nothing else upstream executes
-    assert ran(changed) == {"source", "select", "evaluate"}
+    assert ran(changed) == {"source", "select", "audit", "evaluate"}
     assert json.loads((ws / "metrics/evaluate.json").read_text())["coreset_size"] == 600
     assert {p: digest(p) for p in upstream} == upstream  # no upstream artifact was rewritten
 
     back = run_cli(smoke, "run", *SMOKE, check=True)  # the ratio set back: restored, not retrained
     assert ran(back) == {"source"}, back.stdout
     out = back.stdout + back.stderr
-    for stage in ("select", "evaluate"):
+    for stage in ("select", "audit", "evaluate"):
         assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in out, out
     assert (digest(ws / "artifacts/select/selection.parquet"), (ws / "metrics/evaluate.json").read_text()) == before
 

@@ -1,0 +1,164 @@
+"""``reports/report.html`` of a workspace: what ran and what it cost, and what the selection did.
+
+Built from the workspace's own files (metrics/, the audit table, the images, the last flow run's
+record in ``.semiprune/last_run.json``) and, when a sweep exists, ``reports/sweep/sweep.parquet``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from semiprune_core import report as fig
+from semiprune_core.io import atomic_path
+
+from .audit_commands import load_audit
+
+REPORT = Path("reports/report.html")
+LAST_RUN = Path(".semiprune/last_run.json")
+#: the metrics file each stage writes (a foreach item's index fills {i})
+METRICS = {"prepare": "prepare", "ssl_train": "ssl", "pseudo_label": "pseudo", "score": "score_fold_{i}",
+           "scores": "scores", "select": "select", "evaluate": "evaluate"}
+GRID_PER_CLASS = 8
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def record_run(ws: Path, records: list[dict]) -> None:
+    """Keep the flow run's stage outcomes for the report's cost table."""
+    path = ws / LAST_RUN
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(records, indent=1))
+
+
+def cost_rows(ws: Path) -> list[list[object]]:
+    """(stage, outcome of the last run, seconds, sample passes) per stage with metrics."""
+    outcomes = {r["name"]: r["outcome"] for r in json.loads((ws / LAST_RUN).read_text())} if (ws / LAST_RUN).exists() else {}
+    folds = sorted(int(p.stem.rpartition("_")[2]) for p in (ws / "metrics").glob("score_fold_*.json"))
+    names = list(outcomes) or ["prepare", "ssl_train", "pseudo_label", *(f"score@{k}" for k in folds), "scores", "select",
+                               "evaluate"]
+    rows = []
+    for name in names:
+        base, _, item = name.partition("@")
+        metrics = _json(ws / "metrics" / f"{METRICS.get(base, base).format(i=item)}.json")
+        if not metrics and name not in outcomes:
+            continue
+        seconds = metrics.get("wall_time_s", "")
+        passes = metrics.get("sample_passes", "")
+        rows.append([name, outcomes.get(name, "-"), seconds, f"{passes:,}" if isinstance(passes, int) else passes])
+    return rows
+
+
+def _grid(audit: dict, images: dict, class_names: list[str], pick) -> bytes | None:
+    """A grid with one row per class of up to GRID_PER_CLASS samples chosen by ``pick(class) -> indices``."""
+    rows, caps, cells = [], [], []
+    for c, name in enumerate(class_names):
+        idx = pick(c)[:GRID_PER_CLASS]
+        if len(idx) == 0:
+            continue
+        rows.append(name)
+        caps.append([audit["sample_id"][i].rpartition("/")[2] + (
+            f" (true: {class_names[audit['hidden_true_label'][i]]})"
+            if "hidden_true_label" in audit and audit["hidden_true_label"][i] != audit["target"][i] else "") for i in idx])
+        cells.append([images[audit["sample_id"][i]] for i in idx])
+    if not rows:
+        return None
+    shape = next(iter(images.values())).shape
+    grid = np.zeros((len(rows), GRID_PER_CLASS, *shape), np.uint8)
+    for r, row in enumerate(cells):
+        for k, img in enumerate(row):
+            grid[r, k] = img
+    return fig.image_grid(grid, rows, caps)
+
+
+def build_report(ws: Path, project: Path | None = None) -> Path:
+    """Write ``ws/reports/report.html`` and return its path; a clear error before any run."""
+    from semiprune_core.data.manifest import IMAGES, read_images
+    from semiprune_core.data.prepared import PREPARE_DIR
+
+    table, meta = load_audit(ws)
+    class_names = meta.get("class_names") or []
+    audit = {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names
+             if name in ("sample_id", "target", "is_kept", "reason", "rank", "label_source", "pseudo_label",
+                         "hidden_true_label") or name.endswith(("_aum", "_dual", "_el2n", "_forgetting"))}
+    audit["reason"] = audit["reason"].astype(str)
+    kept = audit["is_kept"].astype(bool)
+    evaluate = _json(ws / "metrics/evaluate.json")
+    params = meta.get("params", {})
+    s = params.get("select", {})
+    page = fig.Page(f"semiprune report: {ws.name}")
+
+    page.heading("Summary")
+    acc = evaluate.get("test_accuracy")
+    page.text(f"Strategy {s.get('strategy')} by {s.get('score')} at pruning ratio {s.get('ratio')}: kept {int(kept.sum()):,} "
+              f"of {len(kept):,} pool samples. "
+              + (f"A model trained on the coreset reached {acc:.2%} test accuracy ({evaluate.get('labels')} labels, "
+                 f"{evaluate.get('labels_used'):,} labels used)." if isinstance(acc, float) else "No coreset evaluation yet."))
+    page.table(["stage", "last run", "seconds", "sample passes"], cost_rows(ws))
+    page.text("'restored' and 'unchanged' stages came from DVC's cache; their seconds are those of the run that made them.")
+
+    sweep = (project or ws) / "reports" / "sweep" / "sweep.parquet"
+    if sweep.exists():
+        import pyarrow.parquet as pq
+
+        page.heading("Accuracy against pruning ratio")
+        page.figure(fig.accuracy_vs_ratio(pq.read_table(sweep).to_pylist()),
+                    f"final-epoch test accuracy of a model trained on each coreset ({sweep})")
+
+    kind = str(s.get("score", "oos_aum")).partition("_")[2] or "aum"
+    if f"oos_{kind}" in audit and f"ins_{kind}" in audit:
+        page.heading("Scores: the unseen model against the models that saw each sample")
+        page.figure(fig.score_histograms(audit[f"oos_{kind}"].astype(float), audit[f"ins_{kind}"].astype(float), kind, kept),
+                    f"{kind}: out-of-sample (left) and in-sample (right), kept and pruned stacked")
+
+    page.heading("Kept and pruned per class")
+    targets = audit["target"].astype(int)
+    k = np.bincount(targets[kept], minlength=len(class_names))
+    p = np.bincount(targets[~kept], minlength=len(class_names))
+    page.figure(fig.class_counts(class_names, k, p), "samples per target class")
+    page.table(["class", "kept", "pruned"], [[n, int(k[c]), int(p[c])] for c, n in enumerate(class_names)])
+
+    if "hidden_true_label" in audit:
+        pseudo = audit["label_source"].astype(str) == "pseudo"
+        truth, guess = audit["hidden_true_label"][pseudo].astype(int), audit["pseudo_label"][pseudo].astype(int)
+        matrix = np.zeros((len(class_names), len(class_names)), np.int64)
+        np.add.at(matrix, (truth, guess), 1)
+        page.heading("Pseudo-labels against the hidden true labels")
+        page.figure(fig.confusion(matrix, class_names),
+                    f"{int(pseudo.sum()):,} pseudo-labeled samples; {float((truth == guess).mean()):.1%} correct")
+
+    ids, imgs = read_images(ws / PREPARE_DIR / IMAGES)
+    rank = audit["rank"].astype(np.int64)
+
+    def hardest(mask):
+        return lambda c: np.flatnonzero(mask & (targets == c))[np.argsort(-rank[mask & (targets == c)], kind="stable")]
+
+    mislabeled = ~kept & np.array(["likely wrong label" in r for r in audit["reason"]])
+    needed = set(audit["sample_id"][mislabeled]) | set(audit["sample_id"][kept])
+    images = {sid: imgs[i] for i, sid in enumerate(ids) if sid in needed}
+    page.heading("Pruned as likely mislabeled")
+    grid = _grid(audit, images, class_names, hardest(mislabeled)) if mislabeled.any() else None
+    if grid:
+        page.figure(grid, f"per target class, the hardest {GRID_PER_CLASS} pruned by the cutoff rule "
+                          "(captions: sample id; the true label where a benchmark knows it differs)")
+    else:
+        page.text(f"Strategy {s.get('strategy')} prunes nothing as likely mislabeled.")
+    page.heading("Hardest samples kept")
+    page.figure(_grid(audit, images, class_names, hardest(kept)), f"per target class, the {GRID_PER_CLASS} kept samples ranked hardest")
+
+    page.heading("Params")
+    page.table(["section", "values"], [[k, json.dumps(v)] for k, v in params.items()])
+    page.text(f"Code: {json.dumps(meta.get('code_version'))}. Inputs (SHA-256): {json.dumps(meta.get('inputs'))}.")
+    out = ws / REPORT
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        tmp.write_text(page.html(), encoding="utf-8")
+    return out
