@@ -164,7 +164,8 @@ class Select(Section):
     """select: the coreset at a pruning ratio by a named strategy (see METHODS.md)."""
 
     ratio: float = Field(0.5, gt=0, lt=1, description="fraction of the pool pruned")
-    strategy: Literal["random", "easy", "hard", "ccs", "aum_cutoff", "dual_beta", "prototypicality"] = "aum_cutoff"
+    strategy: Literal["random", "easy", "hard", "ccs", "aum_cutoff", "dual_beta", "prototypicality",
+                      "unseen_multistep"] = "aum_cutoff"
     score: str = Field("oos_aum", description="the scores column ranked: oos_<score> (unseen) or ins_<score>")
     cutoff: float = Field(0.2, ge=0, lt=1, description="m: fraction dropped as hardest (ccs, aum_cutoff)")
     strata: int = Field(50, ge=1, description="ccs: equal-width score strata")
@@ -173,6 +174,11 @@ class Select(Section):
     class_balance: bool = False
     min_per_class: int = Field(0, ge=0)
     keep_labeled: bool = Field(True, description="always keep the human-labeled seed set (it counts towards the budget)")
+    steps: int = Field(3, ge=2, description="unseen_multistep: steps to reach the budget")
+    step_strategy: Literal["random", "easy", "hard", "ccs", "aum_cutoff"] = Field(
+        "aum_cutoff", description="unseen_multistep: the strategy each step applies")
+    class_aware: bool = Field(False, description="unseen_multistep: split each step's quota by the scorer's error per class")
+    step_epochs: int | None = Field(None, ge=1, description="unseen_multistep: epochs of each step's scorer (null = proxy.epochs)")
 
     @field_validator("score")
     @classmethod

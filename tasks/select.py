@@ -7,6 +7,7 @@ per line), ``metrics/select.json``. Hidden true labels (benchmarks only) are rea
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections import Counter
 from pathlib import Path
@@ -18,6 +19,7 @@ from semiprune_core.errors import DataError
 from semiprune_core.io import atomic_path, read_table, table_meta, write_json, write_table
 from semiprune_core.seeding import rng
 from semiprune_core.selection import hardness, select
+from semiprune_core.selection.multistep import multistep_select
 
 from ._artifacts import KEPT, PSEUDO_LABELS, SCORES, SELECTION, SSL_MODEL, hidden_truth
 from ._stage import StageContext, run_stage
@@ -37,6 +39,58 @@ def _features(ctx: StageContext, sample_ids: np.ndarray) -> np.ndarray:
         raise DataError(f"{SCORES} and the manifest list different samples", "re-run the pipeline (dvc repro)")
     model, _ = load_model(SSL_MODEL, stage="ssl_train")
     return predict(model, data.images[train], device=resolve_device(ctx.params.base.device), output="features").numpy()
+
+
+def _step_scorer(ctx: StageContext, sample_ids: np.ndarray, targets: np.ndarray, cost: list[dict]):
+    """unseen_multistep's scorer: a proxy trained on the coreset so far, judging every other sample
+    each epoch (out of sample); returns their hardness by ``select.score`` and its error per class."""
+    from semiprune_core.data.prepared import load_prepared
+    from semiprune_core.dynamics import DynamicsRecorder
+    from semiprune_core.models import create_model
+    from semiprune_core.scoring import compute_scores
+    from semiprune_core.seeding import stream_seed
+    from semiprune_core.training.engine import Schedule, SupervisedObjective, fit
+
+    base, px, sc, s = ctx.params.base, ctx.params.proxy, ctx.params.scores, ctx.params.select
+    data = load_prepared()
+    train = np.flatnonzero(data.split == "train")
+    if not np.array_equal(data.sample_ids[train], sample_ids):
+        raise DataError(f"{SCORES} and the manifest list different samples", "re-run the pipeline (dvc repro)")
+    images = data.images[train]
+    epochs = s.step_epochs or px.epochs
+    kind = s.score.partition("_")[2]
+    c, h, _ = data.image_shape
+
+    def scorer(step: int, coreset: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n_fit = len(coreset)
+        seed = stream_seed(base.seed, "multistep", step)
+        model = create_model(px.model, in_channels=c, num_classes=data.num_classes, image_size=h, seed=seed)
+        schedule = Schedule(epochs=epochs, batch_size=px.batch_size, lr=px.lr, momentum=px.momentum,
+                            nesterov=px.momentum > 0, weight_decay=px.weight_decay, warmup=px.warmup)
+        held = np.arange(n_fit, n_fit + len(candidates))
+        recorder = DynamicsRecorder(n_fit + len(candidates), epochs, oos_rows=held, oos_images=images[candidates],
+                                    oos_targets=targets[candidates], scratch_dir=ctx.scratch / f"step_{step}",
+                                    run_key=ctx.run_key(extra=["multistep", step, hashlib.sha256(coreset.tobytes()).hexdigest()]))
+        objective = SupervisedObjective(images[coreset], targets[coreset], ids=np.arange(n_fit), view=px.view,
+                                        label_smoothing=px.label_smoothing)
+        result = fit(model, objective, schedule, seed=seed, device=base.device, hooks=[recorder],
+                     desc=f"select step {step}")
+        traj = recorder.trajectories(held)
+        recorder.cleanup()
+        scores = compute_scores(traj, window=min(sc.window, epochs), first_dual=min(sc.first_dual, epochs),
+                                first_el2n=min(sc.first_el2n, epochs))
+        wrong = traj["correct"][:, -1] < 0.5
+        per_class = np.bincount(targets[candidates], weights=wrong, minlength=data.num_classes)
+        error = per_class / np.maximum(np.bincount(targets[candidates], minlength=data.num_classes), 1)
+        cost.append({"step": step, "coreset": n_fit, "candidates": int(len(candidates)), "epochs": result.epochs_completed,
+                     "train_seconds": round(result.train_seconds, 2),
+                     "sample_passes": int(result.sample_passes + len(candidates) * result.epochs_completed),
+                     "heldout_error": round(float(wrong.mean()), 4)})
+        ctx.log.info("select step %d: scorer trained on %d, %.1f%% wrong on the %d others", step, n_fit,
+                     100 * wrong.mean(), len(candidates))
+        return hardness(s.score, scores[kind]), error
+
+    return scorer
 
 
 def select_stage(ctx: StageContext) -> None:
@@ -61,11 +115,22 @@ def select_stage(ctx: StageContext) -> None:
         options |= {"dual": score, "prob_mean": scores[f"{variant}_target_prob_mean_T"].to_numpy()}
     if s.strategy == "prototypicality":
         options |= {"features": _features(ctx, sample_ids), "clusters": s.clusters or len(class_names)}
-    sel = select(
-        s.strategy, hardness=hardness(s.score, score), targets=targets, is_seed=label_source == "human",
-        ratio=s.ratio, rng=rng(base.seed, "select"), keep_labeled=s.keep_labeled, class_balance=s.class_balance,
-        min_per_class=s.min_per_class, class_names=class_names, **options,
-    )
+    cost: list[dict] = []
+    if s.strategy == "unseen_multistep":
+        if s.class_balance or s.min_per_class:
+            raise DataError("unseen_multistep does not take class_balance or min_per_class",
+                            "use select.class_aware for per-class step quotas")
+        sel = multistep_select(
+            base=s.step_strategy, steps=s.steps, hardness=hardness(s.score, score), targets=targets,
+            is_seed=label_source == "human", ratio=s.ratio, rng=rng(base.seed, "select"), keep_labeled=s.keep_labeled,
+            class_aware=s.class_aware, num_classes=len(class_names), scorer=_step_scorer(ctx, sample_ids, targets, cost),
+            cutoff=s.cutoff, strata=s.strata)
+    else:
+        sel = select(
+            s.strategy, hardness=hardness(s.score, score), targets=targets, is_seed=label_source == "human",
+            ratio=s.ratio, rng=rng(base.seed, "select"), keep_labeled=s.keep_labeled, class_balance=s.class_balance,
+            min_per_class=s.min_per_class, class_names=class_names, **options,
+        )
     table = pa.table({
         "sample_id": pa.array(sample_ids, pa.string()),
         "is_kept": pa.array(sel.is_kept),
@@ -82,7 +147,12 @@ def select_stage(ctx: StageContext) -> None:
     write_table(SELECTION, table, meta=meta)
     with atomic_path(KEPT) as tmp:
         Path(tmp).write_text("".join(f"{i}\n" for i in sample_ids[sel.is_kept]), encoding="utf-8")
-    write_json(METRICS, {**_metrics(sel, targets, class_names, sample_ids, s), "wall_time_s": round(ctx.elapsed(), 2)})
+    out = _metrics(sel, targets, class_names, sample_ids, s)
+    if cost:  # the models multi-step selection trained: its compute, step by step
+        out["multistep"] = {"steps": cost, "train_seconds": round(sum(c["train_seconds"] for c in cost), 2),
+                            "sample_passes": sum(c["sample_passes"] for c in cost)}
+        out["sample_passes"] = out["multistep"]["sample_passes"]
+    write_json(METRICS, {**out, "wall_time_s": round(ctx.elapsed(), 2)})
 
 
 def _metrics(sel, targets: np.ndarray, class_names: list[str], sample_ids: np.ndarray, s) -> dict:

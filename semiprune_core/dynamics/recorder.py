@@ -256,6 +256,14 @@ class DynamicsRecorder:
         missing = np.flatnonzero(~self._completed)
         return int(missing[0]) if len(missing) else self.epochs
 
+    def trajectories(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The recorded epochs of ``rows`` as (len(rows), E) arrays by metric, for :func:`compute_scores`."""
+        e = self.epochs_recorded
+        if self._mm is None or e == 0:
+            raise DataError("no epoch of dynamics was recorded", "train the proxy with this recorder as a hook first")
+        block = np.asarray(self._mm[:e][:, np.asarray(rows, np.int64)], dtype=np.float32)  # (E, R, M)
+        return {name: np.ascontiguousarray(block[:, :, i].T) for i, name in enumerate(METRICS)}
+
     def write_parquet(
         self,
         path: str | os.PathLike,

@@ -32,6 +32,7 @@ REASONS = {
     "dual_pruned": "pruned: not drawn by DUAL-Beta weight",
     "atypical_kept": "kept: far from its cluster centre",
     "typical_pruned": "pruned: prototypical (close to its cluster centre)",
+    "quota_pruned": "pruned: its class got no quota at step {step}",
 }
 
 

@@ -104,3 +104,11 @@ def test_diff_refuses_what_has_no_results(smoke):
 def test_audit_commands_before_any_run_say_so(project, command):
     proc = run_cli(project, *command)
     assert proc.returncode == 2 and "the pipeline has not run there yet" in proc.stderr
+
+
+def test_duckdb_reads_the_audit_table_as_is(smoke):
+    import duckdb
+
+    path = smoke / "runs/smoke/artifacts/audit/audit.parquet"
+    rows = duckdb.sql(f"SELECT is_kept, count(*) FROM '{path}' GROUP BY is_kept ORDER BY is_kept").fetchall()
+    assert rows == [(False, 1000), (True, 1000)]

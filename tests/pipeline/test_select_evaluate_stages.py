@@ -151,3 +151,18 @@ def test_a_nan_score_is_refused_and_the_previous_selection_kept(smoke, tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: score 'oos_aum' is NaN for 1 samples")
     assert digest(selection) == before
+
+
+def test_multistep_unseen_selection_trains_a_scorer_per_step_and_records_its_cost(smoke):
+    args = ["--profile", "smoke", "--set", "select.strategy=unseen_multistep", "--set", "select.step_epochs=2",
+            "--set", "select.class_aware=true", "--name", "multistep"]
+    proc = run_cli(smoke, "run", *args, check=True)
+    assert ran(proc) == {"source", "select", "audit", "evaluate"}  # the dynamics come from the cache
+    ws = smoke / "runs" / "multistep"
+    table = pq.read_table(ws / "artifacts/select/selection.parquet").to_pandas()
+    assert table["is_kept"].sum() == 1000 and table.loc[table["label_source"] == "human", "is_kept"].all()
+    assert sorted(table.loc[table["is_kept"], "stratum"].unique()) == [1, 2, 3]
+    cost = json.loads((ws / "metrics/select.json").read_text())["multistep"]
+    assert [s["step"] for s in cost["steps"]] == [2, 3] and [s["coreset"] for s in cost["steps"]] == [333, 666]
+    assert cost["sample_passes"] == sum(s["sample_passes"] for s in cost["steps"]) > 0
+    assert json.loads((ws / "metrics/evaluate.json").read_text())["coreset_size"] == 1000

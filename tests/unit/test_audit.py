@@ -86,3 +86,13 @@ def test_explain_names_the_label_the_judges_and_the_rule():
     assert "the unseen model (fold 1, never trained on it): oos_aum = -3.000, at percentile 0 of the pool (lower = harder)" in text
     assert "rule: strategy aum_cutoff by oos_aum at pruning ratio 0.25, cutoff 0.25; rank 4 of 4" in text
     assert facts["rule"] == "cutoff_pruned" and facts["file"] is None
+
+
+def test_explain_gives_the_file_of_a_folder_dataset_sample():
+    manifest, pseudo, scores, selection, _ = tables()
+    manifest = manifest.set_column(manifest.schema.get_field_index("path"), "path",
+                                   pa.array([None, "dog/0.png", "cat/1.png", "dog/2.png", "cat/3.png"]))
+    row = audit_table(manifest, pseudo, scores, selection, strategy="random", score_used="oos_aum").to_pylist()[1]
+    facts = explain(row, n_pool=4, class_names=["a", "b", "c"], params={}, root="/data/pets")
+    assert facts["file"] == "/data/pets/cat/1.png" and facts["lines"][-1] == "  file: /data/pets/cat/1.png"
+    assert facts["hidden_true_label"] is None and not any("benchmark truth" in line for line in facts["lines"])
