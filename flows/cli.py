@@ -188,6 +188,29 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import plan_bench, read_suite, run_bench
+
+    project = _project(args.project)
+    suite = read_suite(Path(args.suite))
+    grid = {k: getattr(args, k) if getattr(args, k) is not None else suite.get(k, []) for k in ("methods", "ratios", "seeds", "variants")}
+    cells = plan_bench(project, profile=args.profile or suite.get("profile"), overrides=[*suite.get("set", []), *args.set],
+                       **grid)
+    out = Path(args.out) if args.out else project / "reports" / "bench" / Path(args.suite).stem
+    print(f"semiprune: bench of {len(cells)} runs into {out}", file=sys.stderr)
+    try:
+        path = run_bench(project, cells, out, workers=_workers(args, cells[0].params), stage_timeout=args.stage_timeout,
+                         gpus=_gpus(args.gpus))
+    except Exception as err:
+        from .curation import StageFailed
+
+        if isinstance(err, StageFailed):
+            raise StageError(str(err), 2 if err.run.bad_input else 1) from None
+        raise
+    print(path.read_text())
+    return 0
+
+
 def cmd_serve(args) -> int:
     from .curation import curation, task_runner
 
@@ -339,6 +362,14 @@ def _parser() -> argparse.ArgumentParser:
                        help="strategies, each optionally with its score: random aum_cutoff dual_beta:oos_dual")
     sweep.add_argument("--out", help="folder for sweep.parquet and sweep.md (default reports/sweep)")
     sweep.set_defaults(func=cmd_sweep)
+    bench = orchestrated(with_params(sub.add_parser("bench", help="methods x ratios x seeds x variants from a suite file")))
+    bench.add_argument("suite", help="a suite YAML, e.g. benchmarks/suites/fmnist.yaml")
+    bench.add_argument("--methods", nargs="+", help="override the suite's methods")
+    bench.add_argument("--ratios", nargs="+", type=float, help="override the suite's pruning ratios")
+    bench.add_argument("--seeds", nargs="+", type=int, help="override the suite's seeds")
+    bench.add_argument("--variants", nargs="+", help="override the suite's variants (standard, long_tailed, corrupted, labels:N)")
+    bench.add_argument("--out", help="results folder (default reports/bench/<suite name>)")
+    bench.set_defaults(func=cmd_bench)
     serve = orchestrated(with_params(sub.add_parser("serve", help="serve the flow as a Prefect deployment on a cron schedule")))
     serve.add_argument("--cron", required=True, help='schedule, e.g. "0 3 * * *" (03:00 every day)')
     serve.add_argument("--deployment", help="deployment name (default semiprune-<workspace>)")

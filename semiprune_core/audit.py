@@ -157,6 +157,11 @@ def explain(row: dict, *, n_pool: int, class_names: list[str], params: dict, roo
     verdict = "KEPT" if facts["is_kept"] else "PRUNED"
     if row["label_source"] == "human":
         label_line = f"label {_name(row['target'], class_names)}: a human label from the seed set"
+    elif row["label_source"] == "oracle":
+        label_line = f"label {_name(row['target'], class_names)}: the dataset's true label (full-label oracle baseline)"
+    elif row["label_source"] == "cluster":
+        label_line = (f"target: k-means cluster {row['target']} (label-free baseline; "
+                      f"confidence {row['pseudo_confidence']:.2f})")
     else:
         label_line = (f"label {_name(row['target'], class_names)}: a pseudo-label from the SSL model "
                       f"(confidence {row['pseudo_confidence']:.2f})")

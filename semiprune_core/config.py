@@ -118,6 +118,10 @@ class Pseudo(Section):
     """pseudo_label: label every train sample with the SSL model on un-augmented images."""
 
     batch_size: int = Field(1024, ge=1)
+    targets: Literal["ssl", "oracle", "clusters"] = Field(
+        "ssl", description="ssl: the SSL model's pseudo-labels (human labels win); baselines: oracle (the "
+                           "dataset's true labels everywhere, benchmarks only) or clusters (label-free k-means)")
+    cluster_dims: int = Field(50, ge=1, description="clusters: principal components of the pixels k-means runs on")
 
 
 class CV(Section):

@@ -10,6 +10,9 @@ import numpy as np
 from ..data.pool import UNLABELED
 
 HUMAN, PSEUDO = "human", "pseudo"
+# the baselines' label sources: the dataset's true labels everywhere (the full-label oracle), and
+# k-means clusters of features learned without any label (label-free)
+ORACLE, CLUSTER = "oracle", "cluster"
 CONFIDENCE_BUCKETS = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0 + 1e-9)
 
 
@@ -62,3 +65,33 @@ def accuracy_report(
                           "accuracy": float(correct[sel].mean()) if sel.any() else None})
     return {"n": int(len(correct)), "accuracy": float(correct.mean()) if len(correct) else None,
             "per_class": per_class, "by_confidence": by_bucket}
+
+
+def oracle_labels(true_labels: np.ndarray) -> dict[str, np.ndarray]:
+    """The full-label oracle: every target is the true label (benchmarks only; no SSL involved)."""
+    true = np.asarray(true_labels, np.int64)
+    one = np.ones(len(true))
+    return {"pseudo_label": true, "confidence": one, "margin": one, "entropy": np.zeros(len(true)),
+            "target": true, "label_source": np.full(len(true), ORACLE)}
+
+
+def cluster_labels(images: np.ndarray, k: int, rng: np.random.Generator, *, dims: int = 50) -> dict[str, np.ndarray]:
+    """Label-free targets: k-means clusters (``k`` = the number of classes) of the images' top ``dims``
+    principal components; no label is read. A cluster id is a target, not a class: the pipeline
+    scores and selects with it like with any label (the ELFS recipe without a pretrained encoder).
+    ``confidence`` is a softmax over negative squared distances to the centres (scaled by their mean).
+    """
+    from ..selection.strategies import kmeans
+
+    x = np.asarray(images, np.float32).reshape(len(images), -1) / 255.0
+    x -= x.mean(0)
+    _, vectors = np.linalg.eigh((x.T @ x) / len(x))  # ascending eigenvalues
+    z = x @ vectors[:, ::-1][:, : min(dims, x.shape[1])]
+    _, centres = kmeans(z, k, rng)
+    dist = (z**2).sum(1)[:, None] - 2 * z @ centres.T + (centres**2).sum(1)[None]
+    logits = -dist / max(float(dist.mean()), 1e-12)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    cols = pseudo_labels(probs, human_labels=np.full(len(x), UNLABELED))
+    cols["label_source"] = np.full(len(x), CLUSTER)
+    return cols

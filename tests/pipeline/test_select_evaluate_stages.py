@@ -166,3 +166,20 @@ def test_multistep_unseen_selection_trains_a_scorer_per_step_and_records_its_cos
     assert [s["step"] for s in cost["steps"]] == [2, 3] and [s["coreset"] for s in cost["steps"]] == [333, 666]
     assert cost["sample_passes"] == sum(s["sample_passes"] for s in cost["steps"]) > 0
     assert json.loads((ws / "metrics/evaluate.json").read_text())["coreset_size"] == 1000
+
+
+@pytest.mark.parametrize(("targets", "source"), [("oracle", "oracle"), ("clusters", "cluster")])
+def test_the_oracle_and_label_free_baselines_run_the_same_pipeline(smoke, targets, source):
+    proc = run_cli(smoke, "run", "--profile", "smoke", "--set", f"pseudo.targets={targets}", "--name", targets, check=True)
+    assert "ssl_train" not in ran(proc) and {"pseudo_label", "score@0", "select", "evaluate"} <= ran(proc)
+    ws = smoke / "runs" / targets
+    labels = pq.read_table(ws / "artifacts/pseudo/pseudo_labels.parquet").to_pandas()
+    assert (labels["label_source"] == source).all()
+    hidden = pq.read_table(ws / "artifacts/prepare/hidden_labels.parquet").to_pandas().set_index("sample_id")
+    truth = hidden.loc[labels["sample_id"], "true_label"].to_numpy()
+    if targets == "oracle":
+        assert (labels["target"].to_numpy() == truth).all()
+    else:  # label-free: ten clusters, not classes (no label was read to make them)
+        assert labels["target"].nunique() == 10
+    assert json.loads((ws / "metrics/pseudo.json").read_text())["targets_from"] == targets
+    assert json.loads((ws / "metrics/evaluate.json").read_text())["coreset_size"] == 1000

@@ -123,3 +123,24 @@ def test_accuracy_report_per_class_and_bucket():
     assert report["per_class"]["0"] == {"n": 2, "accuracy": 0.5}
     assert [b["n"] for b in report["by_confidence"]] == [1, 1, 2]
     assert [b["accuracy"] for b in report["by_confidence"]] == [0.0, 1.0, 0.5]
+
+
+def test_the_oracle_targets_are_the_true_labels():
+    from semiprune_core.ssl.pseudo_labels import ORACLE, oracle_labels
+
+    cols = oracle_labels(np.array([3, 1, 2]))
+    assert cols["target"].tolist() == [3, 1, 2] and set(cols["label_source"]) == {ORACLE}
+    assert (cols["confidence"] == 1).all()
+
+
+def test_label_free_clusters_recover_well_separated_groups_without_labels():
+    from semiprune_core.ssl.pseudo_labels import CLUSTER, cluster_labels
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(3), 40)
+    images = np.clip(groups[:, None] * 100 + rng.normal(0, 5, (120, 16)), 0, 255).astype(np.uint8).reshape(120, 1, 4, 4)
+    cols = cluster_labels(images, 3, np.random.default_rng(1), dims=4)
+    assert set(cols["label_source"]) == {CLUSTER} and cols["target"].shape == (120,)
+    # the same cluster for every member of a group, a different one per group
+    assert all(len(set(cols["target"][groups == g])) == 1 for g in range(3)) and len(set(cols["target"])) == 3
+    assert ((cols["confidence"] > 1 / 3) & (cols["confidence"] <= 1)).all()
