@@ -118,7 +118,7 @@ def test_changing_only_the_ratio_reruns_only_select_and_evaluate(smoke):
 
 @pytest.mark.parametrize(("override", "message"), [
     ("select.ratio=1.5", "select.ratio"),
-    ("select.strategy=greedy", "'random', 'easy', 'hard', 'ccs', 'aum_cutoff', 'dual_beta' or 'prototypicality'"),
+    ("select.strategy=greedy", "'random', 'easy', 'hard', 'ccs', 'aum_cutoff', 'dual_beta', 'prototypicality' or 'unseen_multistep'"),
     ("select.score=oos_speed", "choose one of oos_aum"),
     ("select.min_per_class=500", "fewer than select.min_per_class=500"),
     ("select.cutoff=0.6", "cutoff 0.6 drops"),
