@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -18,7 +19,7 @@ def sha(path) -> str:
 @needs_fmnist
 def test_smoke_profile_runs_in_its_own_workspace_and_leaves_params_yaml_alone(project):
     before = sha(project / "params.yaml")
-    run_cli(project, "run", "--profile", "smoke", check=True)
+    run_cli(project, "run", "--profile", "smoke", "prepare", check=True)
     assert sha(project / "params.yaml") == before
     ws = project / "runs" / "smoke"
     manifest = pq.read_table(ws / "artifacts/prepare/manifest.parquet").to_pandas()
@@ -32,18 +33,18 @@ def test_smoke_profile_runs_in_its_own_workspace_and_leaves_params_yaml_alone(pr
 
 @needs_fmnist
 def test_rerun_is_byte_identical_and_nothing_is_stale(project):
-    run_cli(project, "run", "--profile", "smoke", check=True)
+    run_cli(project, "run", "--profile", "smoke", "prepare", check=True)
     ws = project / "runs" / "smoke"
     first = {p.name: sha(p) for p in (ws / "artifacts/prepare").glob("*.parquet")}
-    run_cli(project, "run", "--profile", "smoke", "--force", check=True)
+    run_cli(project, "run", "--profile", "smoke", "--force", "prepare", check=True)
     assert {p.name: sha(p) for p in (ws / "artifacts/prepare").glob("*.parquet")} == first
-    status = run_cli(project, "status", "--profile", "smoke", check=True).stdout
-    assert "modified:" not in status and "changed outs" not in status, status
+    status = {r["stage"]: r for r in json.loads(run_cli(project, "status", "--profile", "smoke", "--json", check=True).stdout)}
+    assert status["prepare"]["state"] == "up to date" and status["source"]["state"] == "checks", status
 
 
 @needs_fmnist
 def test_set_override_gets_its_own_workspace(project):
-    run_cli(project, "run", "--profile", "smoke", "--set", "data.labeled.per_class=5", check=True)
+    run_cli(project, "run", "--profile", "smoke", "--set", "data.labeled.per_class=5", "prepare", check=True)
     (ws,) = [p for p in (project / "runs").iterdir() if p.name.startswith("smoke-")]
     manifest = pq.read_table(ws / "artifacts/prepare/manifest.parquet", columns=["is_labeled"]).to_pandas()
     assert manifest["is_labeled"].sum() == 50
