@@ -40,8 +40,13 @@ VARIANTS: dict[str, list[str]] = {
     "long_tailed": ["data.long_tail.imbalance=0.1"],
     "corrupted": ["data.corrupt.share=0.2"],
 }
-#: stages whose compute a method spends (the oracle and label_free never train the SSL model)
+#: the metrics files of the stages whose compute a method spends
 STAGE_METRICS = {"ssl_train": "ssl", "score": "score_fold_*", "select": "select", "evaluate": "evaluate"}
+#: what each method needs (the rest run in its workspace only because the pipeline is one graph):
+#: random reads no score; prototypicality only the SSL model's features; the oracle and
+#: label_free never train the SSL model
+METHOD_STAGES = {"random": ("evaluate",), "prototypicality": ("ssl_train", "select", "evaluate"),
+                 "oracle": ("score", "select", "evaluate"), "label_free": ("score", "select", "evaluate")}
 
 
 @dataclass(frozen=True)
@@ -108,9 +113,9 @@ def cell_row(cell: Cell, ws: Path) -> dict:
     """One cell's result: final-epoch test accuracy, labels used, and the compute the method spent."""
     evaluate = _json(ws / "metrics/evaluate.json")
     passes, seconds = 0, 0.0
-    uses_ssl = cell.params["pseudo"]["targets"] == "ssl"
+    needed = METHOD_STAGES.get(cell.method, tuple(STAGE_METRICS))
     for stage, pattern in STAGE_METRICS.items():
-        if stage == "ssl_train" and not uses_ssl:
+        if stage not in needed:
             continue
         for path in sorted((ws / "metrics").glob(f"{pattern}.json")):
             m = _json(path)
