@@ -126,8 +126,8 @@ def build_report(ws: Path, project: Path | None = None) -> Path:
     page.figure(fig.class_counts(class_names, k, p), "samples per target class")
     page.table(["class", "kept", "pruned"], [[n, int(k[c]), int(p[c])] for c, n in enumerate(class_names)])
 
-    if "hidden_true_label" in audit:
-        pseudo = audit["label_source"].astype(str) == "pseudo"
+    pseudo = audit["label_source"].astype(str) == "pseudo"
+    if "hidden_true_label" in audit and pseudo.any():  # the oracle and label-free baselines have none
         truth, guess = audit["hidden_true_label"][pseudo].astype(int), audit["pseudo_label"][pseudo].astype(int)
         matrix = np.zeros((len(class_names), len(class_names)), np.int64)
         np.add.at(matrix, (truth, guess), 1)
