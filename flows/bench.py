@@ -10,7 +10,6 @@ Suites live in ``benchmarks/suites/*.yaml`` so a published table is one command 
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from semiprune_core.errors import ConfigError
-from semiprune_core.io import atomic_path
+from semiprune_core.io import atomic_path, read_metrics
 
 from .curation import run_curation
 from .workspace import clear_stale_dvc_locks, effective_params, ensure_workspace, workspace_name
@@ -105,25 +104,21 @@ def plan_bench(project: Path, *, profile: str | None, overrides: list[str], meth
     return cells
 
 
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def cell_row(cell: Cell, ws: Path) -> dict:
     """One cell's result: final-epoch test accuracy, labels used, and the compute the method spent."""
-    evaluate = _json(ws / "metrics/evaluate.json")
+    evaluate = read_metrics(ws / "metrics/evaluate.json")
     passes, seconds = 0, 0.0
     needed = METHOD_STAGES.get(cell.method, tuple(STAGE_METRICS))
     for stage, pattern in STAGE_METRICS.items():
         if stage not in needed:
             continue
         for path in sorted((ws / "metrics").glob(f"{pattern}.json")):
-            m = _json(path)
+            m = read_metrics(path)
             passes += int(m.get("sample_passes") or 0)
             seconds += float(m.get("wall_time_s") or 0)
     labels = evaluate.get("labels_used")
     if cell.method == "oracle":  # it read every sample's true label
-        labels = _json(ws / "metrics/select.json").get("n_pool", labels)
+        labels = read_metrics(ws / "metrics/select.json").get("n_pool", labels)
     return {"variant": cell.variant, "method": cell.method, "ratio": cell.ratio, "seed": cell.seed,
             "test_accuracy": evaluate.get("test_accuracy"), "labels_used": labels,
             "sample_passes": passes, "seconds": round(seconds, 1), "workspace": cell.name}

@@ -6,22 +6,16 @@ they say exactly what DVC recorded; parts a workspace does not have yet are left
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
+
+from semiprune_core.io import read_metrics
 
 SUMMARY_KEY = "semiprune-run"
 PRUNED_KEY = "semiprune-pruned"
 SELECTION = Path("artifacts/select/selection.parquet")
 REUSED = ("restored", "unchanged")
-
-
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def summary_markdown(ws: Path, records: list[dict]) -> str:
@@ -33,7 +27,7 @@ def summary_markdown(ws: Path, records: list[dict]) -> str:
              "| stage | outcome | seconds | GPU |", "|---|---|---|---|", rows, "",
              f"Re-used from cache: {', '.join(reused) or 'nothing'}.",
              f"Ran: {', '.join(r['name'] for r in records if r['outcome'] == 'ran') or 'nothing'}."]
-    select, evaluate = _json(ws / "metrics/select.json"), _json(ws / "metrics/evaluate.json")
+    select, evaluate = read_metrics(ws / "metrics/select.json"), read_metrics(ws / "metrics/evaluate.json")
     if select:
         parts += ["", "## Selection", "",
                   f"Strategy `{select.get('strategy')}` on score `{select.get('score')}` at pruning ratio "

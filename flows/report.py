@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from semiprune_core import report as fig
-from semiprune_core.io import atomic_path
+from semiprune_core.io import atomic_path, read_metrics
 
 from .audit_commands import load_audit
 
@@ -22,13 +22,6 @@ LAST_RUN = Path(".semiprune/last_run.json")
 METRICS = {"prepare": "prepare", "ssl_train": "ssl", "pseudo_label": "pseudo", "score": "score_fold_{i}",
            "scores": "scores", "select": "select", "evaluate": "evaluate"}
 GRID_PER_CLASS = 8
-
-
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def record_run(ws: Path, records: list[dict]) -> None:
@@ -48,7 +41,7 @@ def cost_rows(ws: Path) -> list[list[object]]:
     rows = []
     for name in names:
         base, _, item = name.partition("@")
-        metrics = _json(ws / "metrics" / f"{METRICS.get(base, base).format(i=item)}.json")
+        metrics = read_metrics(ws / "metrics" / f"{METRICS.get(base, base).format(i=item)}.json")
         if not metrics and name not in outcomes:
             continue
         seconds = metrics.get("wall_time_s", "")
@@ -91,7 +84,7 @@ def build_report(ws: Path, project: Path | None = None) -> Path:
                          "hidden_true_label") or name.endswith(("_aum", "_dual", "_el2n", "_forgetting"))}
     audit["reason"] = audit["reason"].astype(str)
     kept = audit["is_kept"].astype(bool)
-    evaluate = _json(ws / "metrics/evaluate.json")
+    evaluate = read_metrics(ws / "metrics/evaluate.json")
     params = meta.get("params", {})
     s = params.get("select", {})
     page = fig.Page(f"semiprune report: {ws.name}")

@@ -8,14 +8,13 @@ interrupted sweep resumes the same way: finished combinations are restored, not 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow
 
 from semiprune_core.errors import ConfigError
-from semiprune_core.io import atomic_path
+from semiprune_core.io import atomic_path, read_metrics
 
 from .curation import run_curation
 from .workspace import clear_stale_dvc_locks, effective_params, ensure_workspace, workspace_name
@@ -66,12 +65,8 @@ def plan_sweep(project: Path, *, profile: str | None, overrides: list[str], rati
     return plan
 
 
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def _row(run: SweepRun, ws: Path, records: list[dict]) -> dict:
-    select, evaluate = _json(ws / "metrics/select.json"), _json(ws / "metrics/evaluate.json")
+    select, evaluate = read_metrics(ws / "metrics/select.json"), read_metrics(ws / "metrics/evaluate.json")
     return {"strategy": run.strategy, "score": run.score if run.strategy not in ("random", "prototypicality") else "",
             "ratio": run.ratio, "n_kept": select.get("n_kept"), "test_accuracy": evaluate.get("test_accuracy"),
             "labels_used": evaluate.get("labels_used"), "select_seconds": select.get("wall_time_s"),
