@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from semiprune_core.audit import explain, near_matches
+from semiprune_core.config import param_diff
 from semiprune_core.errors import ConfigError
 from semiprune_core.io import atomic_path
 
@@ -125,21 +126,10 @@ def diff_results(project: Path, a: str, b: str) -> dict:
             name = names[y["target"]] if 0 <= y["target"] < len(names) else str(y["target"])
             per_class.setdefault(name, Counter())[move] += 1
             why[(x["reason"], y["reason"])] += 1
-    params = _changed(ma.get("params", {}), mb.get("params", {}))
+    params = [f"{k}: {a!r} -> {b!r}" for k, a, b in param_diff(ma.get("params", {}), mb.get("params", {}))]
     return {"a": la, "b": lb, "n": len(left), "moves": dict(moves), "params_changed": params,
             "per_class": {k: dict(v) for k, v in sorted(per_class.items())},
             "reasons": [{"a": ra, "b": rb, "samples": n} for (ra, rb), n in why.most_common()]}
-
-
-def _changed(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        x, y = a.get(key), b.get(key)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += _changed(x, y, f"{prefix}{key}.")
-        elif x != y:
-            out.append(f"{prefix}{key}: {x!r} -> {y!r}")
-    return out
 
 
 def format_diff(d: dict) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from semiprune_core import __version__
+from semiprune_core.config import param_diff
 from semiprune_core.errors import ConfigError, SemiPruneError
 
 from . import team_cache, workspace
@@ -140,7 +141,7 @@ def cmd_status(args) -> int:
         elif stage.name in stale:
             old = recorded[stage.name].get("params", {}).get("params.yaml", {})
             why = [r for r in stale[stage.name] if not r.startswith("params")]
-            rows.append({"stage": stage.name, "state": "stale", "why": param_changes(old, current) + why})
+            rows.append({"stage": stage.name, "state": "stale", "why": [f"param {k} {a!r} -> {b!r}" for k, a, b in param_diff(old, {k: current.get(k) for k in old})] + why})
         elif stage.name in after:
             ups = [u for u in stage.upstream if u in after]
             rows.append({"stage": stage.name, "state": "may re-run",
@@ -154,18 +155,6 @@ def cmd_status(args) -> int:
         why = row["why"] if len(row["why"]) <= 4 else [*row["why"][:4], f"{len(row['why']) - 4} more (--json lists all)"]
         print(f"{row['stage']:<14} {row['state']:<11} {'; '.join(why)}".rstrip())
     return 0
-
-
-def param_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """``key old -> new`` for every leaf of ``old`` (a dvc.lock params record) that ``new`` changed."""
-    out = []
-    for key in sorted(set(old) | set(new) if prefix else old):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) or isinstance(b, dict):
-            out += param_changes(a if isinstance(a, dict) else {}, b if isinstance(b, dict) else {}, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"param {prefix}{key} {a!r} -> {b!r}")
-    return out
 
 
 def cmd_sweep(args) -> int:

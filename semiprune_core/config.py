@@ -340,6 +340,18 @@ class StageParams(dict):
         return {k: v.model_dump(mode="json") for k, v in self.items()}
 
 
+def param_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted.key, old value, new value)`` for every leaf that differs between two params trees."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += param_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out
+
+
 def load_stage_params(stage: str, *, root: str | Path = ".") -> StageParams:
     root = Path(root)
     allowed = stage_sections(stage, root / "dvc.yaml")
