@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from .errors import DataError
 from .selection.select import EASIER_IS_HIGHER
-from .selection.strategies import REASONS
+from .selection.strategies import REASONS, auto_cutoff
 
 #: What each audit column holds (written into the file's metadata).
 COLUMNS = {
@@ -154,6 +154,9 @@ def explain(row: dict, *, n_pool: int, class_names: list[str], params: dict, roo
         if row.get("hidden_true_label") is not None else None,
         "select": {k: select.get(k) for k in ("ratio", "strategy", "score", "cutoff", "strata", "class_balance")},
     }
+    cutoff = select.get("cutoff")
+    if cutoff == "auto" and select.get("ratio") is not None:
+        cutoff = f"{auto_cutoff(select['ratio'])} (auto)"
     verdict = "KEPT" if facts["is_kept"] else "PRUNED"
     if row["label_source"] == "human":
         label_line = f"label {_name(row['target'], class_names)}: a human label from the seed set"
@@ -186,7 +189,7 @@ def explain(row: dict, *, n_pool: int, class_names: list[str], params: dict, roo
         lines.append(judged(f"ins_{kind}", "the models that trained on it"))
     ratio = select.get("ratio")
     rule = (f"  rule: strategy {row['strategy']} by {used} at pruning ratio {ratio}"
-            + (f", cutoff {select.get('cutoff')}" if row["strategy"] in ("aum_cutoff", "ccs") else "")
+            + (f", cutoff {cutoff}" if row["strategy"] in ("aum_cutoff", "ccs") else "")
             + f"; rank {int(row['rank']) + 1:,} of {n_pool:,} from the easiest")
     lines.append(rule)
     if facts["file"]:

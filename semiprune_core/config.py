@@ -171,7 +171,8 @@ class Select(Section):
     strategy: Literal["random", "easy", "hard", "ccs", "aum_cutoff", "dual_beta", "prototypicality",
                       "unseen_multistep"] = "aum_cutoff"
     score: str = Field("oos_aum", description="the scores column ranked: oos_<score> (unseen) or ins_<score>")
-    cutoff: float = Field(0.2, ge=0, lt=1, description="m: fraction dropped as hardest (ccs, aum_cutoff)")
+    cutoff: float | Literal["auto"] = Field(
+        "auto", description="m: fraction dropped as hardest (ccs, aum_cutoff); auto = the authors' value for the ratio")
     strata: int = Field(50, ge=1, description="ccs: equal-width score strata")
     c_d: float = Field(4.0, gt=0, description="dual_beta: how fast the Beta window moves to easy samples with ratio")
     clusters: int | None = Field(None, ge=1, description="prototypicality: k-means clusters (null = number of classes)")
@@ -183,6 +184,20 @@ class Select(Section):
         "aum_cutoff", description="unseen_multistep: the strategy each step applies")
     class_aware: bool = Field(False, description="unseen_multistep: split each step's quota by the scorer's error per class")
     step_epochs: int | None = Field(None, ge=1, description="unseen_multistep: epochs of each step's scorer (null = proxy.epochs)")
+
+    @field_validator("cutoff", mode="before")
+    @classmethod
+    def _cutoff(cls, value: Any) -> Any:
+        if value == "auto" or (type(value) in (int, float) and 0 <= value < 1):
+            return value
+        raise ValueError("must be a number in [0, 1) or auto")
+
+    @property
+    def cutoff_value(self) -> float:
+        """The cutoff in force: the number given, or the published one for this ratio."""
+        from .selection.strategies import auto_cutoff
+
+        return auto_cutoff(self.ratio) if self.cutoff == "auto" else float(self.cutoff)
 
     @field_validator("score")
     @classmethod

@@ -106,7 +106,7 @@ def select_stage(ctx: StageContext) -> None:
     if s.score not in scores.column_names:
         raise DataError(f"{SCORES} has no column {s.score!r}", "re-run the scores stage (dvc repro)")
     score = scores[s.score].to_numpy(zero_copy_only=False).astype(np.float64)
-    options: dict = {"cutoff": s.cutoff, "strata": s.strata, "c_d": s.c_d}
+    options: dict = {"cutoff": s.cutoff_value, "strata": s.strata, "c_d": s.c_d}
     if s.strategy == "dual_beta":
         variant = s.score.split("_", 1)[0]
         if s.score != f"{variant}_dual":
@@ -124,7 +124,7 @@ def select_stage(ctx: StageContext) -> None:
             base=s.step_strategy, steps=s.steps, hardness=hardness(s.score, score), targets=targets,
             is_seed=label_source == "human", ratio=s.ratio, rng=rng(base.seed, "select"), keep_labeled=s.keep_labeled,
             class_aware=s.class_aware, num_classes=len(class_names), scorer=_step_scorer(ctx, sample_ids, targets, cost),
-            cutoff=s.cutoff, strata=s.strata)
+            cutoff=s.cutoff_value, strata=s.strata)
     else:
         sel = select(
             s.strategy, hardness=hardness(s.score, score), targets=targets, is_seed=label_source == "human",
@@ -158,7 +158,7 @@ def select_stage(ctx: StageContext) -> None:
 def _metrics(sel, targets: np.ndarray, class_names: list[str], sample_ids: np.ndarray, s) -> dict:
     kept = sel.is_kept
     out = {
-        "strategy": s.strategy, "score": s.score, "ratio": s.ratio,
+        "strategy": s.strategy, "score": s.score, "ratio": s.ratio, "cutoff": s.cutoff_value,
         "n_pool": int(len(kept)), "n_kept": int(kept.sum()), "n_pruned": int((~kept).sum()),
         "kept_per_class": {name: int((targets[kept] == c).sum()) for c, name in enumerate(class_names)},
         "reasons": dict(sorted(Counter(sel.reason.tolist()).items())),

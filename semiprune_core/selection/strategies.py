@@ -69,6 +69,17 @@ def hard(hardness: np.ndarray, n: int, rng: np.random.Generator, **_) -> Picked:
     return _picked(len(hardness), _order(hardness, rng)[::-1][:n], "hard_kept", "hard_pruned")
 
 
+# The authors' cutoff per kept fraction (SemiPrune): it grows as the coreset shrinks, because a small
+# coreset cannot afford the likely-mislabeled hardest samples.
+CUTOFF_SCHEDULE = ((0.1, 0.7), (0.2, 0.6), (0.3, 0.5), (0.5, 0.2), (0.7, 0.0))
+
+
+def auto_cutoff(ratio: float) -> float:
+    """m for pruning ratio ``ratio``: linear between the published points, flat beyond them."""
+    kept, m = zip(*CUTOFF_SCHEDULE)
+    return round(float(np.interp(1 - ratio, kept, m)), 6)
+
+
 def _hard_cutoff(hardness: np.ndarray, n: int, rng: np.random.Generator, cutoff: float) -> tuple[np.ndarray, int]:
     """(rows from hardest to easiest, how many of the hardest the cutoff drops); an error if the
     cutoff leaves fewer than ``n`` to keep."""

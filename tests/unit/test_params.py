@@ -69,6 +69,14 @@ def test_wrong_type_and_unknown_keys_are_one_line_errors():
         validate({"data": {"labeled": {"per_class": 3, "fraction": 0.1}}})
 
 
+@pytest.mark.parametrize("cutoff", ["x", "0.2", 1.0, -0.1, True, None])
+def test_a_cutoff_is_a_share_below_1_or_auto(cutoff):
+    with pytest.raises(ConfigError, match=r"select\.cutoff: must be a number in \[0, 1\) or auto"):
+        validate({"select": {"cutoff": cutoff}})
+    assert validate({"select": {"cutoff": 0}})["select"].cutoff_value == 0.0
+    assert validate({"select": {"cutoff": "auto", "ratio": 0.9}})["select"].cutoff_value == pytest.approx(0.7)
+
+
 def test_overrides_parse_yaml_values_and_never_touch_the_input():
     raw = {"data": {"labeled": {"per_class": 100}}}
     out = apply_overrides(raw, ["data.labeled.per_class=5", "base.seed=7", "data.root=null"])

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from semiprune_core.errors import ConfigError, DataError
 from semiprune_core.selection import REASONS, STRATEGIES, budget, class_quotas, hardness, select
+from semiprune_core.selection.strategies import auto_cutoff
 
 TEMPLATES = [re.compile("^" + re.escape(r).replace(r"\{stratum\}", r"\d+").replace(r"\{strata\}", r"\d+") + "$")
              for r in REASONS.values()]
@@ -115,6 +116,19 @@ def test_a_cutoff_that_leaves_too_little_to_keep_is_an_error():
         run("aum_cutoff", p, 0.5, cutoff=0.6)
     with pytest.raises(ConfigError, match="cutoff"):
         run("ccs", p, 0.3, cutoff=0.5)
+
+
+def test_the_auto_cutoff_follows_the_published_schedule_and_always_leaves_the_budget():
+    for pruned, m in ((0.3, 0.0), (0.5, 0.2), (0.7, 0.5), (0.8, 0.6), (0.9, 0.7)):
+        assert auto_cutoff(pruned) == pytest.approx(m)
+    assert auto_cutoff(0.6) == pytest.approx(0.35)  # between two published points
+    assert auto_cutoff(0.05) == 0.0 and auto_cutoff(0.99) == pytest.approx(0.7)
+    ratios = np.linspace(0.01, 0.99, 99)
+    cut = [auto_cutoff(r) for r in ratios]
+    assert all(b >= a for a, b in zip(cut, cut[1:]))  # a smaller coreset never keeps more of the hardest
+    p = pool(1000, 4, seed_share=0)
+    for r in ratios:  # kept share + cutoff stays below 1, so aum_cutoff always finds its window
+        assert run("aum_cutoff", p, float(r), cutoff=auto_cutoff(float(r))).is_kept.sum() == budget(1000, float(r))
 
 
 def test_ccs_spreads_the_budget_over_strata_from_the_smallest_up():
