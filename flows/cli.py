@@ -86,7 +86,7 @@ def _curate(args, project: Path, ws: Path, stages: list[str] | None = None) -> l
         return run_curation(ws, project=project, workers=_workers(args, yaml.safe_load((ws / "params.yaml").read_text())), stage_timeout=args.stage_timeout,
                             stages=stages, force=getattr(args, "force", False), gpus=_gpus(args.gpus),
                             pull=getattr(args, "pull", False), dask_address=args.dask_address,
-                            dask_workers=args.dask_workers)
+                            dask_workers=args.dask_workers, wait=args.wait)
     except StageFailed as err:
         raise StageError(str(err), 2 if err.run.bad_input else 1) from None
 
@@ -165,7 +165,7 @@ def cmd_sweep(args) -> int:
     print(f"semiprune: sweep of {len(plan)} runs ({len(args.ratios)} ratios x {len(args.strategies)} strategies)", file=sys.stderr)
     try:
         table = run_sweep(project, plan, workers=_workers(args, plan[0].params), stage_timeout=args.stage_timeout, gpus=_gpus(args.gpus),
-                          out=Path(args.out) if args.out else None)
+                          out=Path(args.out) if args.out else None, wait=args.wait)
     except Exception as err:  # a stage failed in one run of the sweep
         from .curation import StageFailed
 
@@ -189,7 +189,7 @@ def cmd_bench(args) -> int:
     print(f"semiprune: bench of {len(cells)} runs into {out}", file=sys.stderr)
     try:
         path = run_bench(project, cells, out, workers=_workers(args, cells[0].params), stage_timeout=args.stage_timeout,
-                         gpus=_gpus(args.gpus))
+                         gpus=_gpus(args.gpus), wait=args.wait)
     except Exception as err:
         from .curation import StageFailed
 
@@ -330,6 +330,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="kill a stage that runs longer (default: no limit)")
         p.add_argument("--gpus", default="auto",
                        help="GPUs for model stages, e.g. 0,1; 'none'; default 'auto' (CUDA_VISIBLE_DEVICES or nvidia-smi)")
+        p.add_argument("--wait", action="store_true",
+                       help="if another run holds the workspace, start when it ends (default: exit 75 at once)")
         dask = p.add_mutually_exclusive_group()
         dask.add_argument("--dask-address", help="run the stages on this Dask scheduler (tcp://host:8786)")
         dask.add_argument("--dask-workers", type=int, help="run the stages on a local Dask cluster of N workers")

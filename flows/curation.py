@@ -32,7 +32,7 @@ from prefect.tasks import exponential_backoff
 
 from .publish import publish_run
 from .stages import StageRun, run_stage, stage_graph, stale_downstream, stale_stages, upstream_closure
-from .workspace import dvc_env
+from .workspace import dvc_env, run_lock
 
 
 class StageFailed(RuntimeError):
@@ -103,6 +103,11 @@ def curation(workspace: str, project: str | None = None, stage_timeout: float | 
     table of the pruned samples as Prefect artifacts.
     """
     ws, proj = Path(workspace), project or workspace
+    with run_lock(ws):  # a no-op under `semiprune run`, which holds it already; guards served runs
+        return _curate(ws, proj, stage_timeout, stages, force, gpus, pull, publish_rows)
+
+
+def _curate(ws: Path, proj: str, stage_timeout, stages, force: bool, gpus, pull: bool, publish_rows: int) -> list[dict]:
     graph = stage_graph(ws)
     if stages:
         graph = upstream_closure(graph, list(stages))
@@ -175,8 +180,14 @@ def task_runner(workers: int = 2, dask_address: str | None = None, dask_workers:
 
 def run_curation(workspace: Path, *, project: Path | None = None, workers: int = 2, stage_timeout: float | None = None,
                  stages: list[str] | None = None, force: bool = False, gpus: list[str] | None = None,
-                 pull: bool = False, dask_address: str | None = None, dask_workers: int | None = None) -> list[dict]:
-    """The curation flow with at most ``workers`` stages at a time (the folds fan out)."""
+                 pull: bool = False, dask_address: str | None = None, dask_workers: int | None = None,
+                 wait: bool = False) -> list[dict]:
+    """The curation flow with at most ``workers`` stages at a time (the folds fan out).
+
+    The workspace's run lock is taken before the flow starts, so a busy workspace is one line of
+    error (or, with ``wait``, a queue) rather than a failed flow run.
+    """
     runner = task_runner(workers, dask_address, dask_workers)
-    return curation.with_options(task_runner=runner)(
-        str(workspace), str(project) if project else None, stage_timeout, stages, force, gpus, pull)
+    with run_lock(Path(workspace), wait=wait):
+        return curation.with_options(task_runner=runner)(
+            str(workspace), str(project) if project else None, stage_timeout, stages, force, gpus, pull)

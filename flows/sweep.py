@@ -103,7 +103,7 @@ def write_table(rows: list[dict], out: Path) -> SweepTable:
 
 @flow(name="semiprune-sweep", log_prints=True, validate_parameters=False)
 def sweep_flow(project: str, plan: list[SweepRun], workers: int = 2, stage_timeout: float | None = None,
-               gpus: list[str] | None = None, out: str | None = None) -> SweepTable:
+               gpus: list[str] | None = None, out: str | None = None, wait: bool = False) -> SweepTable:
     from prefect.artifacts import create_markdown_artifact
 
     root, rows = Path(project), []
@@ -111,7 +111,7 @@ def sweep_flow(project: str, plan: list[SweepRun], workers: int = 2, stage_timeo
         print(f"sweep {i}/{len(plan)}: {run.strategy} ({run.score}) at ratio {run.ratio} in runs/{run.name}")
         ws = ensure_workspace(root, run.name, run.params)
         clear_stale_dvc_locks(ws)
-        records = run_curation(ws, project=root, workers=workers, stage_timeout=stage_timeout, gpus=gpus)
+        records = run_curation(ws, project=root, workers=workers, stage_timeout=stage_timeout, gpus=gpus, wait=wait)
         rows.append(_row(run, ws, records))
     table = write_table(rows, Path(out) if out else root / "reports" / "sweep")
     create_markdown_artifact(key="semiprune-sweep", markdown=table.markdown, description="sweep over strategies and ratios")
@@ -119,5 +119,5 @@ def sweep_flow(project: str, plan: list[SweepRun], workers: int = 2, stage_timeo
 
 
 def run_sweep(project: Path, plan: list[SweepRun], *, workers: int = 2, stage_timeout: float | None = None,
-              gpus: list[str] | None = None, out: Path | None = None) -> SweepTable:
-    return sweep_flow(str(project), plan, workers, stage_timeout, gpus, str(out) if out else None)
+              gpus: list[str] | None = None, out: Path | None = None, wait: bool = False) -> SweepTable:
+    return sweep_flow(str(project), plan, workers, stage_timeout, gpus, str(out) if out else None, wait)

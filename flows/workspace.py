@@ -9,19 +9,22 @@ so a stage whose code, deps and params match a run anywhere in the project is re
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from semiprune_core.config import apply_overrides, merge, read_yaml, validate
-from semiprune_core.errors import ConfigError
+from semiprune_core.errors import ConfigError, WorkspaceBusy
 from semiprune_core.io import atomic_path
 
 PROFILES = "profiles"
@@ -115,6 +118,43 @@ def clear_stale_dvc_locks(ws: Path) -> list[int]:
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(lock))
     return sorted(dead)
+
+
+_HELD: set[Path] = set()  # workspaces this process holds, so the flow inside a CLI run re-enters
+
+
+@contextlib.contextmanager
+def run_lock(ws: Path, *, wait: bool = False):
+    """One run per workspace: a second fails with :class:`WorkspaceBusy`, or with ``wait`` queues.
+
+    DVC locks a repository per process, but a run is many DVC processes (one per stage), so two
+    runs could interleave stages. The lock is an ``flock`` on ``.semiprune/run.lock``: the kernel
+    drops it when its holder dies, however it dies, so a killed run never blocks the next.
+    """
+    key = ws.resolve()
+    if key in _HELD:
+        yield
+        return
+    path = ws / ".semiprune" / "run.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = path.read_text().strip() or "a process that is starting"
+            if not wait:
+                raise WorkspaceBusy(f"workspace {ws} is in use by another semiprune run ({holder})",
+                                    "wait for it to end, or pass --wait to start when it does") from None
+            print(f"semiprune: waiting for the run holding {ws} ({holder})", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        _HELD.add(key)
+        yield
+    finally:
+        _HELD.discard(key)
+        os.close(fd)  # releases the flock
 
 
 def ensure_workspace(project: Path, name: str, params: dict[str, Any]) -> Path:

@@ -20,3 +20,9 @@ class ConfigError(SemiPruneError):
 
 class DataError(SemiPruneError):
     """A dataset is missing, truncated, corrupt or inconsistent."""
+
+
+class WorkspaceBusy(SemiPruneError):
+    """Another run holds the workspace. Not bad input: exit 75 (EX_TEMPFAIL, "try again later")."""
+
+    exit_code = 75
