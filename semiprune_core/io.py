@@ -9,10 +9,12 @@ version in their schema metadata.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -40,11 +42,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        halt_point(f"write:{path.name}")  # written, not yet in place
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a killed writer
+            stale.unlink(missing_ok=True)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def halt_point(name: str) -> None:
+    """For kill tests: when ``SEMIPRUNE_HALT_AT`` names this point, write this PID to
+    ``SEMIPRUNE_HALT_FILE`` and wait to be killed, so a test can SIGKILL the pipeline at an exact
+    place (mid-epoch, mid-write) instead of at a lucky moment."""
+    if os.environ.get("SEMIPRUNE_HALT_AT") != name:
+        return
+    marker = os.environ.get("SEMIPRUNE_HALT_FILE")
+    if marker:
+        Path(marker).write_text(str(os.getpid()))
+    while True:
+        time.sleep(1)
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import io
 import json
 import logging
 import math
@@ -40,7 +41,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..errors import ConfigError
-from ..io import atomic_path
+from ..io import atomic_path, halt_point
 from ..seeding import stream_seed
 from .augment import VIEWS, apply_view
 
@@ -48,6 +49,10 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 2
+# A checkpoint file is this magic, the payload's SHA-256 (hex) and a newline, then torch.save's bytes:
+# a resume loads only a payload whose digest matches, so a damaged file that torch could still
+# unpickle (a flipped byte in a tensor) is not resumed from.
+CHECKPOINT_MAGIC = b"semiprune-checkpoint "
 
 
 # --- device and input -----------------------------------------------------------------------------
@@ -344,8 +349,14 @@ def _effective_key(run_key: str | None, schedule: Schedule, seed: int, model: nn
 def _read_checkpoint(path: Path, key: str) -> dict | None:
     if not path.exists():
         return None
+    raw = path.read_bytes()
+    header, _, payload = raw.partition(b"\n")
+    if not header.startswith(CHECKPOINT_MAGIC) or hashlib.sha256(payload).hexdigest().encode() != header[len(CHECKPOINT_MAGIC):]:
+        logger.warning("ignoring unreadable checkpoint %s (its SHA-256 does not match: damaged or not a checkpoint); "
+                       "starting fresh", path)
+        return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001  (torch raises many types for a damaged file)
         logger.warning("ignoring unreadable checkpoint %s (%s: %s); starting fresh", path, type(err).__name__, err)
         return None
@@ -527,6 +538,8 @@ def fit(
                     _ema_update(ema_model, model, min(schedule.ema_decay, (1 + step) / (10 + step)))
                 step += 1
                 n_steps += 1
+                if n_steps == 1:
+                    halt_point(f"{desc}:epoch{epoch}")  # mid-epoch, past the last checkpoint
                 n_passes += out.n_samples
                 loss_sum += out.loss.detach().float()
                 for name, value in out.stats.items():
@@ -607,8 +620,11 @@ def _stateful(model, optimizer, ema_model, objective, hooks) -> dict[str, Any]:
 def _save_checkpoint(path: Path, key: str, parts: dict[str, Any], progress: dict[str, Any]) -> None:
     state = {"format": CHECKPOINT_FORMAT, "run_key": key, **progress,
              "state": {name: obj.state_dict() for name, obj in parts.items()}}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        tmp.write_bytes(CHECKPOINT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
 
 
 def _restore(state: dict, parts: dict[str, Any], path: Path) -> dict | None:

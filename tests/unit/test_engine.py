@@ -237,14 +237,16 @@ def test_resume_after_sigkill_in_a_subprocess(data, tmp_path):
     assert_same_weights(resumed.ema_model, reference.ema_model)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty", "flipped"])
 def test_damaged_checkpoint_is_ignored(data, tmp_path, caplog, damage):
     x, y = data
     schedule = Schedule(epochs=2, batch_size=64)
     fit(mlp(), SupervisedObjective(x, y), schedule, seed=0, device="cpu", checkpoint_dir=tmp_path, run_key="k", keep_checkpoint=True)
     path = tmp_path / CHECKPOINT_NAME
     raw = path.read_bytes()
-    path.write_bytes({"garbage": b"not a checkpoint" * 50, "truncated": raw[: len(raw) // 2], "empty": b""}[damage])
+    mid = len(raw) // 2  # a flipped bit inside a tensor still unpickles: only the digest notices
+    flipped = raw[:mid] + bytes([raw[mid] ^ 1]) + raw[mid + 1:]
+    path.write_bytes({"garbage": b"not a checkpoint" * 50, "truncated": raw[:mid], "empty": b"", "flipped": flipped}[damage])
     with caplog.at_level(logging.WARNING, logger="semiprune_core.training.engine"):
         result = fit(mlp(), SupervisedObjective(x, y), schedule, seed=0, device="cpu", checkpoint_dir=tmp_path, run_key="k")
     assert not result.resumed and result.start_epoch == 0 and len(result.history) == 2
