@@ -88,7 +88,7 @@ def _curate(args, project: Path, ws: Path, stages: list[str] | None = None) -> l
                             pull=getattr(args, "pull", False), dask_address=args.dask_address,
                             dask_workers=args.dask_workers, wait=args.wait)
     except StageFailed as err:
-        raise StageError(str(err), 2 if err.run.bad_input else 1) from None
+        raise StageError.of(err) from None
 
 
 class StageError(Exception):
@@ -97,6 +97,16 @@ class StageError(Exception):
     def __init__(self, message: str, code: int):
         super().__init__(message)
         self.exit_code = code
+
+    @classmethod
+    def of(cls, err) -> StageError:
+        """From a ``StageFailed``: bad input keeps the stage's own ``error:`` line (what is wrong and how to
+        fix it); DVC's last line, which only says the stage exited with 2, would hide it."""
+        run = err.run
+        own = next((line for line in reversed(run.tail) if line.startswith("error: ")), None)
+        if run.bad_input and own:
+            return cls(f"stage {run.name}: {own.removeprefix('error: ')}", 2)
+        return cls(str(err), 2 if run.bad_input else 1)
 
 
 def _print_records(records: list[dict]) -> None:
@@ -170,7 +180,7 @@ def cmd_sweep(args) -> int:
         from .curation import StageFailed
 
         if isinstance(err, StageFailed):
-            raise StageError(str(err), 2 if err.run.bad_input else 1) from None
+            raise StageError.of(err) from None
         raise
     print(table.markdown)
     print(f"semiprune: table written to {table.parquet} and {table.path}", file=sys.stderr)
@@ -194,7 +204,7 @@ def cmd_bench(args) -> int:
         from .curation import StageFailed
 
         if isinstance(err, StageFailed):
-            raise StageError(str(err), 2 if err.run.bad_input else 1) from None
+            raise StageError.of(err) from None
         raise
     print(path.read_text())
     return 0

@@ -9,6 +9,7 @@ param DVC does not know it depends on (which would break "change only the ratio,
 from __future__ import annotations
 
 import copy
+import reprlib
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -172,7 +173,7 @@ class Select(Section):
                       "unseen_multistep"] = "aum_cutoff"
     score: str = Field("oos_aum", description="the scores column ranked: oos_<score> (unseen) or ins_<score>")
     cutoff: float | Literal["auto"] = Field(
-        "auto", description="m: fraction dropped as hardest (ccs, aum_cutoff); auto = the authors' value for the ratio")
+        0.2, description="m: fraction dropped as hardest (ccs, aum_cutoff); auto = the authors' value for the ratio")
     strata: int = Field(50, ge=1, description="ccs: equal-width score strata")
     c_d: float = Field(4.0, gt=0, description="dual_beta: how fast the Beta window moves to easy samples with ratio")
     clusters: int | None = Field(None, ge=1, description="prototypicality: k-means clusters (null = number of classes)")
@@ -229,12 +230,30 @@ def register_section(name: str, model: type[Section]) -> None:
     SECTIONS[name] = model
 
 
+class _Short(reprlib.Repr):
+    """repr() cut to a few dozen characters and levels: a value echoed in an error stays one short
+    line even when it is huge or shares itself many times over (YAML anchors)."""
+
+    def __init__(self):
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother = 2, 60, 60
+
+    def repr_int(self, x, level):
+        try:
+            return super().repr_int(x, level)
+        except ValueError:  # more digits than Python turns into text
+            return f"<an integer of {x.bit_length()} bits>"
+
+
+_short = _Short().repr
+
+
 def _one_line(err: ValidationError, source: str, section: str) -> str:
     first = err.errors()[0]
-    where = ".".join([section, *(str(p) for p in first["loc"])])
+    where = ".".join([section, *(p if isinstance(p, str) else _short(p) for p in first["loc"])])
     got = first.get("input")
     quiet = isinstance(got, Mapping) or first["type"] in ("missing", "extra_forbidden")
-    got_txt = "" if quiet else f" (got {got!r})"
+    got_txt = "" if quiet else f" (got {_short(got)})"
     extra = f" and {len(err.errors()) - 1} more" if len(err.errors()) > 1 else ""
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
@@ -246,9 +265,9 @@ def validate(raw: Mapping[str, Any], *, source: str = "params.yaml") -> dict[str
     """Validate every section in ``raw``; unknown sections or keys are errors."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source} must be a mapping of sections", "see params.yaml in the repository for the layout")
-    unknown = sorted(set(raw) - set(SECTIONS))
+    unknown = sorted((k for k in raw if k not in SECTIONS), key=_short)  # keys of any type (YAML allows 1: or null:)
     if unknown:
-        raise ConfigError(f"{source}: unknown section {unknown[0]!r}", f"known sections are {', '.join(sorted(SECTIONS))}")
+        raise ConfigError(f"{source}: unknown section {_short(unknown[0])}", f"known sections are {', '.join(sorted(SECTIONS))}")
     out = {}
     for name, model in SECTIONS.items():
         body = raw.get(name) or {}
@@ -267,10 +286,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path} not found", "run from the project root, or pass the right path")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
+    # ValueError: also not UTF-8, or a value PyYAML cannot build (a date 2001-13-01, an int of 5000 digits)
+    except (yaml.YAMLError, ValueError, RecursionError) as err:
         line = getattr(getattr(err, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
         raise ConfigError(f"{path} is not valid YAML{where}", "fix its syntax") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read {path} ({err.strerror})", "check the file and its permissions") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a YAML {type(data).__name__}, not a mapping of keys to values",
+                          "write it as key: value lines, like params.yaml")
     return data or {}
 
 
@@ -281,7 +306,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r} is not key=value", "write it like --set select.ratio=0.5")
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # nothing PyYAML can build: keep the text for validation to name
         parsed = value
     return key.strip().split("."), parsed
 

@@ -65,7 +65,8 @@ def load_imagefolder(root: Path, *, labels_csv: Path | None = None, test_root: P
         raise DataError(f"image folder {root} does not exist", "set data.root to the folder holding your images")
     files, excluded = scan_images(root)
     if labels_csv is not None:
-        labels = read_labels_csv(Path(labels_csv), known=set(files), root=root)
+        labels = read_labels_csv(Path(labels_csv), known=set(files), root=root,
+                                 skipped={e["path"]: e["reason"] for e in excluded})
     else:
         labels = class_folder_labels(root, files, what="data.root")
 
@@ -89,8 +90,8 @@ def load_imagefolder(root: Path, *, labels_csv: Path | None = None, test_root: P
     excluded += failed
     train = [f for f, good in zip(files, ok) if good]
     if not train:
-        raise DataError(f"no usable images in {root} ({len(excluded)} file(s) excluded, e.g. "
-                        f"{excluded[0]['path'] if excluded else 'none'})",
+        example = f", e.g. {excluded[0]['path']}: {excluded[0]['reason']}" if excluded else ""
+        raise DataError(f"no usable images in {root} ({len(excluded)} file(s) excluded{example})",
                         f"add images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under data.root")
     paths, label_ids, blocks = list(train), [index[labels[f]] if f in labels else UNLABELED for f in train], [images[ok]]
     sample_ids = list(train)
@@ -194,10 +195,20 @@ def class_folder_labels(root: Path, files: list[str], *, what: str) -> dict[str,
 _ABSOLUTE = re.compile(r"^([/\\]|[A-Za-z]:)")
 
 
-def read_labels_csv(path: Path, *, known: set[str], root: Path) -> dict[str, str]:
+def _csv_rows(reader, path: Path):
+    """The rows of ``reader``; a line the csv module refuses (e.g. a field over its size limit) is a DataError."""
+    try:
+        yield from reader
+    except csv.Error as err:
+        raise DataError(f"{path} line {reader.line_num}: not a valid CSV line ({err})",
+                        "write one sample_id,label pair per line") from None
+
+
+def read_labels_csv(path: Path, *, known: set[str], root: Path, skipped: dict[str, str] | None = None) -> dict[str, str]:
     """A labels CSV -> {relative path: class name}. Every error names the CSV line.
 
     Header ``sample_id,label``; blank lines are skipped; ``./`` and doubled ``/`` in paths are tolerated.
+    ``skipped``: {relative path: reason} of entries the scan passed over, named when a line points at one.
     """
     if not path.is_file():
         raise DataError(f"labels CSV {path} not found", "fix data.labels_csv, or set it to null")
@@ -205,14 +216,18 @@ def read_labels_csv(path: Path, *, known: set[str], root: Path) -> dict[str, str
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise DataError(f"labels CSV {path} is not UTF-8 text", "save it as UTF-8") from None
+    except OSError as err:
+        raise DataError(f"cannot read labels CSV {path} ({err.strerror})", "check the file and its permissions") from None
+    skipped = skipped or {}
     reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader, None)
+    rows = _csv_rows(reader, path)
+    header = next(rows, None)
     if header is None or [h.strip().lower() for h in header] != ["sample_id", "label"]:
         raise DataError(f"{path} line 1: header is {','.join(header or [])!r}, expected 'sample_id,label'",
                         "add the header line sample_id,label")
     out: dict[str, str] = {}
     first_line: dict[str, int] = {}
-    for row in reader:
+    for row in rows:
         where = f"{path} line {reader.line_num}"
         if not any(cell.strip() for cell in row):
             continue
@@ -229,7 +244,10 @@ def read_labels_csv(path: Path, *, known: set[str], root: Path) -> dict[str, str
                             "write paths relative to data.root without '..'")
         sid = "/".join(parts)
         if sid not in known:
-            raise DataError(f"{where}: {sid!r} is not an image file under {root}",
+            # the file or a folder on its way was skipped, e.g. a symlink leading outside the root
+            hit = next((p for p in ("/".join(parts[:i]) for i in range(len(parts), 0, -1)) if p in skipped), None)
+            why = f" (skipped: {skipped[hit]})" if hit else ""
+            raise DataError(f"{where}: {sid!r} is not an image file under {root}{why}",
                             "fix the path (relative to data.root, with '/') or remove the line")
         if sid in out:
             raise DataError(f"{where}: sample_id {sid!r} is listed twice (also on line {first_line[sid]})",

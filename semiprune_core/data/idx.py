@@ -7,6 +7,8 @@ per dimension, then the data. Anything else is a :class:`DataError` naming the f
 from __future__ import annotations
 
 import gzip
+import io
+import math
 import os
 import struct
 import zlib
@@ -18,6 +20,7 @@ from ..errors import DataError
 
 _UINT8 = 0x08
 _MAX_ELEMENTS = 2**31  # refuse headers that would ask for more than 2 GiB
+_MAX_HEADER = 4 + 4 * 4
 
 
 def parse_idx(raw: bytes, *, name: str = "IDX data") -> np.ndarray:
@@ -36,7 +39,7 @@ def parse_idx(raw: bytes, *, name: str = "IDX data") -> np.ndarray:
     if len(raw) < header:
         raise DataError(f"{name} is truncated inside its header", fix)
     shape = struct.unpack(f">{ndim}I", raw[4:header])
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # exact: four uint32 dimensions overflow int64
     if count > _MAX_ELEMENTS:
         raise DataError(f"{name} declares shape {shape}, larger than any supported dataset", fix)
     if len(raw) - header != count:
@@ -45,14 +48,29 @@ def parse_idx(raw: bytes, *, name: str = "IDX data") -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
+def _gunzip(raw: bytes, limit: int) -> bytes:
+    """Every gzip member of ``raw``, decompressed, but never more than ``limit + 1`` bytes (a gzip bomb
+    stops there instead of filling the memory)."""
+    chunks, left = [], limit + 1
+    with gzip.GzipFile(fileobj=io.BytesIO(raw)) as gz:
+        while left > 0 and (chunk := gz.read1(min(left, 1 << 24))):
+            chunks.append(chunk)
+            left -= len(chunk)
+    return b"".join(chunks)
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
+    fix = "re-download or reinstall the dataset"
+    limit = _MAX_HEADER + _MAX_ELEMENTS
     try:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
+            raw = _gunzip(raw, limit)
     except (EOFError, zlib.error, gzip.BadGzipFile) as err:
-        raise DataError(f"{path} is a damaged gzip file ({err})", "re-download or reinstall the dataset") from None
+        raise DataError(f"{path} is a damaged gzip file ({err})", fix) from None
     except OSError as err:
         raise DataError(f"cannot read {path} ({err.strerror})", "check the file and its permissions") from None
+    if len(raw) > limit:
+        raise DataError(f"{path} decompresses to more than {limit} bytes, larger than any supported dataset", fix)
     return parse_idx(raw, name=str(path))

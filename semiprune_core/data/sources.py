@@ -108,8 +108,13 @@ def stat_fingerprint(paths: list[Path]) -> dict[str, list]:
             for folder, dirs, files in os.walk(place):
                 dirs.sort()
                 for name in sorted(files):
-                    st = os.stat(os.path.join(folder, name))
-                    out[os.path.join(folder, name)] = [st.st_size, st.st_mtime_ns]
+                    path = os.path.join(folder, name)
+                    try:
+                        st = os.stat(path)
+                    except OSError:  # a dangling symlink: prepare lists it among the unusable files
+                        out[path] = ["missing"]
+                        continue
+                    out[path] = [st.st_size, st.st_mtime_ns]
         else:
             out[str(place)] = ["missing"]
     return out
