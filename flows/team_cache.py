@@ -65,9 +65,16 @@ def add_remote(project: Path, url: str, *, name: str = "team", local: bool = Fal
         path = _local_path(url).resolve()
         check_reachable(name, str(path))
         url = str(path)
-    dvc(["remote", "add", "--force", "--default", *(["--local"] if local else []), name, url],
-        cwd=project, project=project, capture=True)
+    scope = ["--local"] if local else []
+    dvc(["remote", "add", "--force", "--default", *scope, name, url], cwd=project, project=project, capture=True)
+    _verify_downloads(project, project, name, scope)
     return name, url
+
+
+def _verify_downloads(project: Path, repo: Path, name: str, scope: list[str] = ()) -> None:
+    """Hash every object DVC downloads from the remote and refuse one whose content does not match
+    its name: a shared cache is only as trustworthy as its least careful writer."""
+    dvc(["remote", "modify", *scope, name, "verify", "true"], cwd=repo, project=project, capture=True)
 
 
 def prepare(project: Path, ws: Path, *, write: bool = False) -> tuple[str, str]:
@@ -76,6 +83,7 @@ def prepare(project: Path, ws: Path, *, write: bool = False) -> tuple[str, str]:
     check_reachable(name, url, write=write)
     if ws != project:  # a run workspace is its own DVC repository
         dvc(["remote", "add", "--force", "--default", name, url], cwd=ws, project=project, capture=True)
+        _verify_downloads(project, ws, name)
     return name, url
 
 

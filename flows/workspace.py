@@ -176,6 +176,19 @@ def ensure_workspace(project: Path, name: str, params: dict[str, Any]) -> Path:
         tmp.write_text(header + yaml.safe_dump(params, sort_keys=False))
     if not (ws / ".dvc").exists():
         dvc(["init", "--no-scm", "-q"], cwd=ws, project=project)
-        cache = os.path.relpath(project / ".dvc" / "cache", ws / ".dvc")
-        dvc(["config", "cache.dir", cache], cwd=ws, project=project)
+    cache = project / ".dvc" / "cache"
+    if _cache_dir(ws) != cache.resolve():
+        # `dvc config` resolves a relative path from the working directory (and stores it relative
+        # to .dvc/config), so the path handed over is relative to the workspace itself
+        dvc(["config", "cache.dir", os.path.relpath(cache, ws)], cwd=ws, project=project)
     return ws
+
+
+def _cache_dir(ws: Path) -> Path | None:
+    """The cache folder ``ws``'s .dvc/config names (relative paths are relative to .dvc/)."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ws / ".dvc" / "config")
+    value = config.get("cache", "dir", fallback=None)
+    return (ws / ".dvc" / value).resolve() if value else None

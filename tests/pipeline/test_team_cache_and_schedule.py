@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from .conftest import copy_project, needs_fmnist, run_cli
 
 SMOKE = ["--profile", "smoke"]
@@ -58,6 +60,19 @@ def test_a_second_clone_gets_every_result_from_the_team_remote_without_training(
     for rel in ("artifacts/ssl/model.pt", "artifacts/dynamics/fold_0.parquet", "artifacts/select/selection.parquet"):
         assert digest(got / rel) == digest(done / rel), rel
     assert (got / "metrics/evaluate.json").read_text() == (done / "metrics/evaluate.json").read_text()
+
+    # someone with write access to the share replaces the selection's object with other bytes
+    outs = yaml.safe_load((done / "dvc.lock").read_text())["stages"]["select"]["outs"]
+    md5 = next(o["md5"] for o in outs if o["path"].endswith("selection.parquet"))
+    obj = remote / "files" / "md5" / md5[:2] / md5[2:]
+    obj.chmod(0o644)
+    obj.write_bytes(b"PAR1 not the selection")
+    third = copy_project(tmp_path / "third")
+    run_cli(third, "remote", "add", str(remote), check=True)
+    assert "verify = true" in (third / ".dvc/config").read_text()
+    proc = run_cli(third, "run", *SMOKE, "--set", "select.ratio=0.7", "--name", "r0.7", "--pull", check=True)
+    assert "select" in ran(proc.stderr) and "ssl_train" not in ran(proc.stderr)  # recomputed, not taken
+    assert digest(third / "runs/r0.7/artifacts/select/selection.parquet") == digest(done / "artifacts/select/selection.parquet")
 
 
 def test_remote_problems_are_clear_errors(project, tmp_path):
