@@ -100,13 +100,8 @@ class StageError(Exception):
 
     @classmethod
     def of(cls, err) -> StageError:
-        """From a ``StageFailed``: bad input keeps the stage's own ``error:`` line (what is wrong and how to
-        fix it); DVC's last line, which only says the stage exited with 2, would hide it."""
-        run = err.run
-        own = next((line for line in reversed(run.tail) if line.startswith("error: ")), None)
-        if run.bad_input and own:
-            return cls(f"stage {run.name}: {own.removeprefix('error: ')}", 2)
-        return cls(str(err), 2 if run.bad_input else 1)
+        """From a ``StageFailed``: exit 2 when the stage refused its input, else 1."""
+        return cls(str(err), 2 if err.run.bad_input else 1)
 
 
 def _print_records(records: list[dict]) -> None:

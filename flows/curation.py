@@ -27,6 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
@@ -38,8 +39,14 @@ from .workspace import dvc_env, run_lock
 class StageFailed(RuntimeError):
     def __init__(self, run: StageRun):
         self.run = run
+        # bad input: the stage's own `error:` line says what is wrong and how to fix it, where
+        # DVC's last line would only say that the stage exited with 2
+        own = next((line for line in reversed(run.tail) if line.startswith("error: ")), None)
+        if run.bad_input and own:
+            super().__init__(f"stage {run.name}: {own.removeprefix('error: ')}")
+            return
         last = next((line for line in reversed(run.tail) if line.strip()), "")
-        super().__init__(f"stage {run.name} {run.outcome} (exit {run.returncode}): {last}")
+        super().__init__(f"stage {run.name} {run.outcome} (DVC exit {run.returncode}): {last}")
 
 
 def _retry_transient(task, task_run, state) -> bool:
@@ -162,7 +169,10 @@ def _curate(ws: Path, proj: str, stage_timeout, stages, force: bool, gpus, pull:
                         "device": None, "worker": None})
     publish_run(ws, records, max_rows=publish_rows, project=Path(proj))
     if failed is not None:
-        raise failed if isinstance(failed, BaseException) else RuntimeError(str(failed))
+        # a Failed state, not a raise: the run is marked failed and the caller still gets the
+        # exception, without Prefect printing a traceback above the one-line error
+        error = failed if isinstance(failed, BaseException) else RuntimeError(str(failed))
+        return Failed(message=str(error), data=error)
     return records
 
 

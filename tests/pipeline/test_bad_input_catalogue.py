@@ -120,6 +120,7 @@ def error_line(proc) -> str:
     """The one `error:` line of a refused run, after checking there is exactly one and it ends stderr."""
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]  # Prefect's log lines, yes; a crash dump, no
     assert proc.stderr.rstrip("\n").splitlines()[-1] == errors[0], "the error must be the last thing printed"
     return errors[0]
 
