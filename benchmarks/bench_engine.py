@@ -4,19 +4,20 @@
     pad-and-crop by 1 px, batch 512, Nesterov SGD, 5% warmup + cosine) for a fixed epoch count
     sized to fit the budget on a quiet 2-core CPU with ~2.5x headroom. The schedule's
     ``max_seconds`` guard stops it (un-annealed, flagged) if the machine is much slower. Reports the
-    exact training wall time and the final-epoch test accuracy.
-(b) throughput, same model and batch size: the engine (uint8 tensor on the device, batched weak
-    view with padding 2) against a plain loop over a torchvision ``DataLoader`` whose ``Dataset``
-    applies v2 transforms per sample (RandomHorizontalFlip, RandomCrop(28, padding=2), ToDtype,
-    Normalize) with num_workers 0 and 2, and over the stock ``torchvision.datasets.FashionMNIST``
-    (PIL per sample). Same model in the same memory format (channels_last) in every loop. The ratio
-    uses the fastest baseline. Also the input pipelines alone (no model), for reference.
+    exact training wall time and the final-epoch test accuracy, in the engine's precision and in fp32.
+(b) throughput per model (``--models``), same batch size: the engine (uint8 tensor on the device,
+    batched weak view with padding 2, ``--precision``) against a plain loop over a torchvision
+    ``DataLoader`` whose ``Dataset`` applies v2 transforms per sample (RandomHorizontalFlip,
+    RandomCrop(28, padding=2), ToDtype, Normalize) with num_workers 0 and 2, each loop once in fp32
+    and once under the engine's autocast, and over the stock ``torchvision.datasets.FashionMNIST``
+    (PIL per sample). Same model in the same memory format (channels_last) in every loop. Each
+    model's ratio uses its fastest baseline. Also the input pipelines alone (no model), for reference.
 
-    python benchmarks/bench_engine.py [--budget-seconds 120] [--json out.json] [--skip-throughput]
+    python benchmarks/bench_engine.py [--budget-seconds 120] [--models fastcnn_s fastcnn] [--json out.json]
 
 Threads: torch's default (all cores) unless ``--threads`` is given. Timings on a shared machine are
-noisy; compare ratios measured in one run. ``--model``, ``--widths``, ``--depth`` and ``--stem``
-measure other fastcnn shapes.
+noisy; compare ratios measured in one run. ``--widths``, ``--depth`` and ``--stem`` measure other
+fastcnn shapes (accuracy part).
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ from semiprune_core.training import (
     evaluate,
     fit,
     resolve_device,
+    resolve_precision,
     to_float,
 )
+from semiprune_core.training.engine import precision_name
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 SEED = 0
@@ -69,34 +72,38 @@ def load_fashion(root: Path = FASHION) -> tuple[torch.Tensor, torch.Tensor, torc
     )
 
 
-def model_for(args: argparse.Namespace) -> torch.nn.Module:
+def model_for(args: argparse.Namespace, name: str | None = None) -> torch.nn.Module:
+    """``name`` from the registry as is, or (None) the accuracy model ``--model`` with ``--widths/--depth/--stem``."""
+    if name is not None:
+        return create_model(name, in_channels=1, num_classes=10, image_size=28, seed=SEED)
     options = {"depth": args.depth, **({"widths": tuple(args.widths)} if args.widths else {})}
     if args.stem:
         options["stem"] = args.stem
     return create_model(args.model, in_channels=1, num_classes=10, image_size=28, seed=SEED, **options)
 
 
-def describe_model(args: argparse.Namespace) -> str:
-    model = model_for(args)
+def describe_model(model: torch.nn.Module, name: str) -> str:
     widths = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    return f"{args.model} (conv widths {widths}, {sum(p.numel() for p in model.parameters()):,} params)"
+    shape = f"conv widths {widths}, " if widths else ""
+    return f"{name} ({shape}{sum(p.numel() for p in model.parameters()):,} params)"
 
 
 # --- (a) accuracy within a budget ---------------------------------------------------------------------
 
 
-def bench_accuracy(args, x_train, y_train, x_test, y_test, device) -> dict:
+def bench_accuracy(args, x_train, y_train, x_test, y_test, device, precision: str) -> dict:
     schedule = Schedule(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
         weight_decay=args.weight_decay, max_seconds=args.budget_seconds,
     )
     objective = SupervisedObjective(x_train, y_train, view="weak", padding=args.padding, label_smoothing=args.label_smoothing)
     model = model_for(args)
-    result = fit(model, objective, schedule, seed=SEED, device=device, desc="bench")
+    result = fit(model, objective, schedule, seed=SEED, device=device, precision=precision, desc=f"bench[{precision}]")
     t0 = time.perf_counter()
-    test_acc = evaluate(result.model, x_test, y_test, batch_size=2000)
+    test_acc = evaluate(result.model, x_test, y_test, batch_size=2000, precision=precision)
     return {
-        "model": describe_model(args),
+        "model": describe_model(model, args.model),
+        "precision": result.precision,
         "schedule": {**schedule.__dict__, "padding": args.padding, "label_smoothing": args.label_smoothing},
         "epochs_completed": result.epochs_completed,
         "stopped_early": result.stopped_early,
@@ -154,20 +161,23 @@ def _loader(dataset, args, num_workers: int):
     )
 
 
-def engine_train_rate(args, x_train, y_train, device) -> float:
+def engine_train_rate(args, name, x_train, y_train, device) -> float:
     """Images/s of :func:`fit` (weak view, padding 2 like the baselines) over ``steps`` steps."""
     bs, steps = args.batch_size, args.throughput_steps
     schedule = Schedule(epochs=1, batch_size=bs, lr=0.05)
     n_warm = bs * args.warmup_steps
-    fit(model_for(args), SupervisedObjective(x_train[:n_warm], y_train[:n_warm], padding=2), schedule, seed=SEED, device=device)
+    fit(model_for(args, name), SupervisedObjective(x_train[:n_warm], y_train[:n_warm], padding=2), schedule, seed=SEED,
+        device=device, precision=args.precision)
     n = min(bs * steps, len(x_train))
-    result = fit(model_for(args), SupervisedObjective(x_train[:n], y_train[:n], padding=2), schedule, seed=SEED, device=device)
+    result = fit(model_for(args, name), SupervisedObjective(x_train[:n], y_train[:n], padding=2), schedule, seed=SEED,
+                 device=device, precision=args.precision)
     return result.sample_passes / result.train_seconds
 
 
-def loader_train_rate(args, loader, device) -> float:
-    """Images/s of a plain training loop over ``loader`` (same model, optimiser and memory layout)."""
-    model = model_for(args).to(device).to(memory_format=torch.channels_last)
+def loader_train_rate(args, name, loader, device, amp: torch.dtype | None) -> float:
+    """Images/s of a plain training loop over ``loader`` (same model, optimiser and memory layout),
+    its forward under autocast ``amp`` (None = fp32)."""
+    model = model_for(args, name).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     model.train()
     t0, done = None, 0
@@ -177,7 +187,8 @@ def loader_train_rate(args, loader, device) -> float:
         if i == args.warmup_steps + args.throughput_steps:
             break
         x, y = x.to(device), y.to(device)
-        loss = F.cross_entropy(model(x), y)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -203,25 +214,36 @@ def loader_data_rate(args, loader) -> float:
 
 
 def bench_throughput(args, x_train, y_train, device) -> dict:
+    """Per model: the engine and every baseline loop, images per second, and the engine's ratio to the fastest."""
     n = args.batch_size * (args.throughput_steps + args.warmup_steps)
     tensor_ds = _PerSampleDataset(x_train[:n], y_train[:n], _v2_transform(from_pil=False))
-    train = {"engine": engine_train_rate(args, x_train, y_train, device)}
-    for workers in (0, 2):
-        train[f"dataloader_tensor_w{workers}"] = loader_train_rate(args, _loader(tensor_ds, args, workers), device)
+    amp = resolve_precision(args.precision, device)
+    precisions = {"fp32": None, **({precision_name(amp): amp} if amp is not None else {})}
+    models = {}
     with tempfile.TemporaryDirectory() as tmp:
         stock = _stock_fashion_mnist(Path(tmp))
-        train["dataloader_torchvision_pil_w0"] = loader_train_rate(args, _loader(stock, args, 0), device)
+        for name in args.models:
+            train = {f"engine_{precision_name(amp)}": engine_train_rate(args, name, x_train, y_train, device)}
+            for pname, pdtype in precisions.items():
+                for workers in (0, 2):
+                    train[f"dataloader_tensor_w{workers}_{pname}"] = loader_train_rate(
+                        args, name, _loader(tensor_ds, args, workers), device, pdtype)
+                train[f"dataloader_torchvision_pil_w0_{pname}"] = loader_train_rate(args, name, _loader(stock, args, 0), device, pdtype)
+            engine_key = next(iter(train))
+            baselines = {k: v for k, v in train.items() if k != engine_key}
+            best = max(baselines, key=baselines.get)
+            models[name] = {"model": describe_model(model_for(args, name), name), "train_img_per_s": train,
+                            "best_baseline": best, "ratio": train[engine_key] / baselines[best]}
+            print(f"  {name}: engine {train[engine_key]:,.0f} img/s, best baseline {best} {baselines[best]:,.0f} img/s: "
+                  f"{models[name]['ratio']:.2f}x", flush=True)
         data = {
             "engine": engine_data_rate(args, x_train, y_train, device),
             "dataloader_tensor_w0": loader_data_rate(args, _loader(tensor_ds, args, 0)),
             "dataloader_torchvision_pil_w0": loader_data_rate(args, _loader(stock, args, 0)),
         }
-    baselines = {k: v for k, v in train.items() if k != "engine"}
-    best = max(baselines, key=baselines.get)
     return {
         "batch_size": args.batch_size, "steps": args.throughput_steps, "warmup_steps": args.warmup_steps,
-        "train_img_per_s": train, "data_only_img_per_s": data, "best_baseline": best,
-        "ratio": train["engine"] / baselines[best],
+        "precision": precision_name(amp), "models": models, "data_only_img_per_s": data,
         "data_only_ratio": data["engine"] / max(v for k, v in data.items() if k != "engine"),
     }
 
@@ -236,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--padding", type=int, default=1)
-    p.add_argument("--model", default="fastcnn_s", help="a fastcnn variant from the registry")
+    p.add_argument("--model", default="fastcnn_s", help="the accuracy part's model: a fastcnn variant from the registry")
+    p.add_argument("--models", nargs="+", default=["fastcnn_s", "fastcnn", "fastcnn_l", "mlp"],
+                   help="the throughput part's models (registry names)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="the engine's precision")
     p.add_argument("--widths", type=int, nargs="+", help="override the model's widths")
     p.add_argument("--depth", type=int, default=1)
     p.add_argument("--stem", choices=["conv", "s2d"], help="override the model's stem")
@@ -261,30 +286,26 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     if not args.skip_accuracy:
-        report["accuracy"] = acc = bench_accuracy(args, x_train, y_train, x_test, y_test, device)
+        runs = dict.fromkeys([precision_name(resolve_precision(args.precision, device)), "fp32"])
+        report["accuracy"] = accs = [bench_accuracy(args, x_train, y_train, x_test, y_test, device, p) for p in runs]
     if not args.skip_throughput:
         report["throughput"] = thr = bench_throughput(args, x_train, y_train, device)
 
     print(f"\nsemiprune engine benchmark  (torch {torch.__version__}, {torch.get_num_threads()} threads, {device})")
-    if "accuracy" in report:
-        ok = acc["test_acc"] >= 0.90 and acc["train_wall_seconds"] <= args.budget_seconds
-        print(f"(a) {acc['model']}: {acc['epochs_completed']} epochs, batch {args.batch_size}, lr {args.lr}")
-        print(f"    training wall time   {acc['train_wall_seconds']:8.1f} s  (budget {args.budget_seconds:.0f} s)")
-        print(f"    final-epoch test acc {acc['test_acc'] * 100:8.2f} %  (target >= 90 %: {'met' if ok else 'NOT met'})")
+    for acc in report.get("accuracy", []):
+        print(f"(a) {acc['model']}, {acc['precision']}: {acc['epochs_completed']} epochs, batch {args.batch_size}, lr {args.lr}: "
+              f"{acc['train_wall_seconds']:.1f} s of training (budget {args.budget_seconds:.0f} s), "
+              f"final-epoch test accuracy {acc['test_acc'] * 100:.2f} %")
     if "throughput" in report:
-        labels = {
-            "engine": "engine: uint8 tensor + batched weak aug",
-            "dataloader_tensor_w0": "DataLoader, tensor Dataset + v2, workers=0",
-            "dataloader_tensor_w2": "DataLoader, tensor Dataset + v2, workers=2",
-            "dataloader_torchvision_pil_w0": "DataLoader, tv FashionMNIST (PIL) + v2, w=0",
-        }
-        print(f"(b) throughput, batch {args.batch_size}, {args.throughput_steps} steps after {args.warmup_steps} warm-up (img/s)")
-        print(f"    {'':<46} {'training':>10} {'data only':>10}")
-        for key, label in labels.items():
-            data_rate = thr["data_only_img_per_s"].get(key)
-            print(f"    {label:<46} {thr['train_img_per_s'][key]:10.0f} {data_rate if data_rate else float('nan'):10.0f}")
-        print(f"    ratio engine / best baseline ({thr['best_baseline']}): {thr['ratio']:.2f} x training (target >= 3 x), "
-              f"{thr['data_only_ratio']:.1f} x data only")
+        print(f"(b) training throughput, batch {args.batch_size}, {args.throughput_steps} steps after {args.warmup_steps} "
+              f"warm-up, engine in {thr['precision']} (img/s)")
+        for name, m in thr["models"].items():
+            cols = "  ".join(f"{k} {v:,.0f}" for k, v in m["train_img_per_s"].items())
+            print(f"    {m['model']}: {m['ratio']:.2f}x the best baseline ({m['best_baseline']})\n      {cols}")
+        data = thr["data_only_img_per_s"]
+        print(f"    input pipelines alone: engine {data['engine']:,.0f} img/s, per-sample DataLoader "
+              f"{data['dataloader_tensor_w0']:,.0f}, torchvision PIL {data['dataloader_torchvision_pil_w0']:,.0f} "
+              f"({thr['data_only_ratio']:.0f}x)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -26,6 +26,8 @@ class Section(BaseModel):
 class Base(Section):
     seed: int = Field(0, ge=0, description="master seed; every random choice derives from it")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="forward passes in bf16 where the hardware has it (CUDA, AMX/AVX512-BF16 CPUs), else fp32")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
 
 

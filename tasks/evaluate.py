@@ -54,7 +54,7 @@ def evaluate_stage(ctx: StageContext) -> None:
     schedule = Schedule(epochs=e.epochs, batch_size=e.batch_size, lr=e.lr, momentum=e.momentum,
                         nesterov=e.momentum > 0, weight_decay=e.weight_decay, warmup=e.warmup)
     objective = SupervisedObjective(data.images[train[rows]], labels[rows], view=e.view, label_smoothing=e.label_smoothing)
-    result = fit(model, objective, schedule, seed=seed, device=base.device, checkpoint_dir=ctx.scratch,
+    result = fit(model, objective, schedule, seed=seed, device=base.device, precision=base.precision, checkpoint_dir=ctx.scratch,
                  run_key=ctx.run_key(SELECTION, PSEUDO_LABELS, extra=source), desc="evaluate")
 
     out = {
@@ -63,6 +63,7 @@ def evaluate_stage(ctx: StageContext) -> None:
         "labels": source,
         "labels_used": int((kept | is_seed).sum()),
         "epochs": result.epochs_completed,
+        "precision": result.precision,
         "resumed_from_epoch": result.start_epoch if result.resumed else None,
         "train_seconds": round(result.train_seconds, 2),
         "sample_passes": int(result.sample_passes + (len(test) if has_test else 0)),
@@ -71,7 +72,7 @@ def evaluate_stage(ctx: StageContext) -> None:
         "per_class_accuracy": None,
     }
     if has_test:
-        pred = predict(result.final_model, data.images[test], output="logits").argmax(1).numpy()
+        pred = predict(result.final_model, data.images[test], precision=base.precision, output="logits").argmax(1).numpy()
         truth = data.labels[test]
         out["test_accuracy"] = float((pred == truth).mean())
         out["per_class_accuracy"] = {name: float((pred[truth == k] == k).mean()) if (truth == k).any() else None

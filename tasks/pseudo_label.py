@@ -47,6 +47,7 @@ def pseudo_label(ctx: StageContext) -> None:
     else:
         model, _ = load_model(SSL_MODEL, stage="ssl_train")
         probs = predict(model, data.images[train], batch_size=p.batch_size, device=resolve_device(base.device),
+                        precision=base.precision,
                         output="probs").numpy()
         cols = pseudo_labels(probs, human_labels=data.labels[train])
     table = pa.table({

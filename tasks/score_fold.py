@@ -41,10 +41,11 @@ def score_fold(ctx: StageContext, k: int) -> None:
     schedule = Schedule(epochs=px.epochs, batch_size=px.batch_size, lr=px.lr, momentum=px.momentum,
                         nesterov=px.momentum > 0, weight_decay=px.weight_decay, warmup=px.warmup)
     recorder = DynamicsRecorder(len(train), px.epochs, oos_rows=held, oos_images=images[held],
-                                oos_targets=targets[held], scratch_dir=ctx.scratch, run_key=run_key)
+                                oos_targets=targets[held], scratch_dir=ctx.scratch, run_key=run_key,
+                                precision=base.precision)
     objective = SupervisedObjective(images[fit_rows], targets[fit_rows], ids=fit_rows, view=px.view,
                                     label_smoothing=px.label_smoothing)
-    result = fit(model, objective, schedule, seed=stream_seed(base.seed, "proxy", k), device=base.device,
+    result = fit(model, objective, schedule, seed=stream_seed(base.seed, "proxy", k), device=base.device, precision=base.precision,
                  hooks=[recorder], checkpoint_dir=ctx.scratch, run_key=run_key, keep_checkpoint=True,
                  desc=f"score@{k}")
     out = dynamics_path(k)
@@ -57,6 +58,7 @@ def score_fold(ctx: StageContext, k: int) -> None:
         "n_train": int(len(fit_rows)),
         "n_held_out": int(len(held)),
         "epochs": result.epochs_completed,
+        "precision": result.precision,
         "resumed_from_epoch": result.start_epoch if result.resumed else None,
         "train_seconds": round(result.train_seconds, 2),
         "wall_time_s": round(ctx.elapsed(), 2),

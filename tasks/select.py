@@ -38,7 +38,8 @@ def _features(ctx: StageContext, sample_ids: np.ndarray) -> np.ndarray:
     if not np.array_equal(data.sample_ids[train], sample_ids):
         raise DataError(f"{SCORES} and the manifest list different samples", "re-run the pipeline (dvc repro)")
     model, _ = load_model(SSL_MODEL, stage="ssl_train")
-    return predict(model, data.images[train], device=resolve_device(ctx.params.base.device), output="features").numpy()
+    return predict(model, data.images[train], device=resolve_device(ctx.params.base.device),
+                   precision=ctx.params.base.precision, output="features").numpy()
 
 
 def _step_scorer(ctx: StageContext, sample_ids: np.ndarray, targets: np.ndarray, cost: list[dict]):
@@ -69,11 +70,11 @@ def _step_scorer(ctx: StageContext, sample_ids: np.ndarray, targets: np.ndarray,
                             nesterov=px.momentum > 0, weight_decay=px.weight_decay, warmup=px.warmup)
         held = np.arange(n_fit, n_fit + len(candidates))
         recorder = DynamicsRecorder(n_fit + len(candidates), epochs, oos_rows=held, oos_images=images[candidates],
-                                    oos_targets=targets[candidates], scratch_dir=ctx.scratch / f"step_{step}",
+                                    oos_targets=targets[candidates], scratch_dir=ctx.scratch / f"step_{step}", precision=base.precision,
                                     run_key=ctx.run_key(extra=["multistep", step, hashlib.sha256(coreset.tobytes()).hexdigest()]))
         objective = SupervisedObjective(images[coreset], targets[coreset], ids=np.arange(n_fit), view=px.view,
                                         label_smoothing=px.label_smoothing)
-        result = fit(model, objective, schedule, seed=seed, device=base.device, hooks=[recorder],
+        result = fit(model, objective, schedule, seed=seed, device=base.device, precision=base.precision, hooks=[recorder],
                      desc=f"select step {step}")
         traj = recorder.trajectories(held)
         recorder.cleanup()

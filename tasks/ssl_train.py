@@ -59,13 +59,13 @@ def ssl_train(ctx: StageContext) -> None:
                         nesterov=s.momentum > 0, weight_decay=s.weight_decay, warmup=s.warmup,
                         ema_decay=s.ema_decay, max_seconds=s.max_seconds)
     run_key = ctx.run_key(PREPARE_DIR / "manifest.parquet")
-    result = fit(model, objective, schedule, seed=base.seed, device=base.device, checkpoint_dir=ctx.scratch,
+    result = fit(model, objective, schedule, seed=base.seed, device=base.device, precision=base.precision, checkpoint_dir=ctx.scratch,
                  run_key=run_key, desc=f"ssl_train[{s.algorithm}]")
     final = result.final_model
 
     test = data.split == "test"
     has_test = bool(test.any() and (data.labels[test] >= 0).all())
-    test_acc = evaluate(final, data.images[test], data.labels[test]) if has_test else None
+    test_acc = evaluate(final, data.images[test], data.labels[test], precision=base.precision) if has_test else None
     if not has_test:
         ctx.log.warning("no labeled test split: cannot measure the SSL model's accuracy")
     steps = objective.steps_per_epoch(s.batch_size)
@@ -79,6 +79,7 @@ def ssl_train(ctx: StageContext) -> None:
         "epochs": result.epochs_completed,
         "steps": steps * result.epochs_completed,
         "stopped_early": result.stopped_early,
+        "precision": result.precision,
         "resumed_from_epoch": result.start_epoch if result.resumed else None,
         "train_seconds": round(result.train_seconds, 2),
         "wall_time_s": round(ctx.elapsed(), 2),

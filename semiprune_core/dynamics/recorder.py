@@ -78,6 +78,7 @@ class DynamicsRecorder:
     run_key       identifies the caller's config (pass the same key as to ``fit``); the scratch file is
                   named by a hash of it, N, E and the held-out rows, so different folds/configs never collide
     eval_batch_size  batch size of the out-of-sample forward
+    precision     autocast of the out-of-sample forward (``"auto"``, ``"fp32"``, ``"bf16"``; pass fit's)
     """
 
     def __init__(
@@ -91,6 +92,7 @@ class DynamicsRecorder:
         scratch_dir: str | os.PathLike,
         run_key: str,
         eval_batch_size: int = 1024,
+        precision: str = "auto",
     ):
         if n_samples <= 0 or epochs <= 0:
             raise ValueError(f"n_samples and epochs must be positive, got {n_samples} and {epochs}")
@@ -110,6 +112,7 @@ class DynamicsRecorder:
         self.is_oos = np.zeros(self.n_samples, bool)
         self.is_oos[self.oos_rows] = True
         self.eval_batch_size = int(eval_batch_size)
+        self.precision = precision
 
         ident = {
             "format": SCRATCH_FORMAT, "run_key": str(run_key), "n_samples": self.n_samples, "epochs": self.epochs,
@@ -241,7 +244,7 @@ class DynamicsRecorder:
 
     def _out_of_sample(self, model: nn.Module) -> np.ndarray:
         """(N_oos, M) statistics of the held-out fold: eval mode, no augmentation."""
-        logits = predict(model, self.oos_images, batch_size=self.eval_batch_size)
+        logits = predict(model, self.oos_images, batch_size=self.eval_batch_size, precision=self.precision)
         out = np.empty((len(self.oos_rows), len(METRICS)), np.float32)
         for start in range(0, len(out), 65_536):
             stats = per_sample_stats(logits[start : start + 65_536], self.oos_targets[start : start + 65_536])

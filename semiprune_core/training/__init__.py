@@ -21,6 +21,7 @@ from .engine import (
     fit,
     predict,
     resolve_device,
+    resolve_precision,
     to_float,
 )
 
@@ -41,6 +42,7 @@ __all__ = [
     "predict",
     "randaugment",
     "resolve_device",
+    "resolve_precision",
     "strong_view",
     "to_float",
     "weak_view",

@@ -12,8 +12,12 @@ Conventions
   - Randomness: epoch ``e`` uses a ``torch.Generator`` seeded with ``stream_seed(seed, "epoch", e)``
     for batch order and augmentation, so a resumed run repeats an uninterrupted one exactly.
     Initial weights are the caller's (``create_model(..., seed=...)``). No global state is changed.
-  - Device: ``resolve_device("auto")`` picks CUDA when present; there the forward runs under bf16
-    autocast. Conv models use channels_last on every device (measured ~1.3-1.5x faster on CPU too).
+  - Device: ``resolve_device("auto")`` picks CUDA when present. Conv models use channels_last on
+    every device (measured ~1.3-1.5x faster on CPU too).
+  - Precision: ``resolve_precision("auto", device)`` runs forwards under bf16 autocast where the
+    hardware computes bf16 natively (CUDA; CPUs with AMX or AVX512-BF16: about 1.8x faster training
+    on a 2-core Sapphire Rapids), fp32 elsewhere (emulated bf16 would be slower). Weights, optimiser
+    state and losses stay fp32.
   - Epochs are numbered from 0 in code, hooks and history; log lines say "epoch e+1/E".
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import io
 import json
@@ -86,10 +91,45 @@ def as_uint8_images(images: Tensor | np.ndarray, *, name: str = "images") -> Ten
     return t
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products in hardware (AMX or AVX512-BF16; Linux only)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return torch.backends.mkldnn.is_available() and ("amx_bf16" in flags or "avx512_bf16" in flags)
+
+
+def resolve_precision(precision: str, device: str | torch.device = "auto") -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``: ``torch.bfloat16``, or None for plain fp32.
+
+    ``"auto"``: bf16 on CUDA GPUs that support it and on CPUs with native bf16 (:func:`cpu_has_native_bf16`),
+    else fp32. ``"bf16"`` forces bf16 (slow where it is emulated), ``"fp32"`` forces fp32.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}", f"use one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    device = resolve_device(device)
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def _has_conv(model: nn.Module) -> bool:
@@ -332,10 +372,12 @@ def _hook_methods(hooks: Sequence[object], name: str) -> list:
 # --- checkpoints -------------------------------------------------------------------------------------
 
 
-def _effective_key(run_key: str | None, schedule: Schedule, seed: int, model: nn.Module, objective: Objective) -> str:
+def _effective_key(run_key: str | None, schedule: Schedule, seed: int, model: nn.Module, objective: Objective,
+                   amp: torch.dtype | None) -> str:
     """The caller's key plus everything the engine itself knows that must match to resume."""
     payload = {
         "run_key": run_key,
+        "precision": precision_name(amp),
         "schedule": asdict(schedule),
         "seed": int(seed),
         "params": [[name, list(p.shape)] for name, p in model.state_dict().items()],
@@ -384,6 +426,7 @@ class FitResult:
     sample_passes   sample forward passes in training over all epochs (counts unlabeled/strong views)
     start_epoch     first epoch this call trained (0 for a fresh run)
     resumed         whether a checkpoint was loaded
+    precision       "bf16" or "fp32": what the forwards ran in
     stopped_early   the ``max_seconds`` guard ended the run before ``schedule.epochs``
     """
 
@@ -396,6 +439,7 @@ class FitResult:
     start_epoch: int
     resumed: bool
     stopped_early: bool
+    precision: str = "fp32"
 
     @property
     def final_model(self) -> nn.Module:
@@ -430,6 +474,7 @@ def fit(
     *,
     seed: int,
     device: str | torch.device = "auto",
+    precision: str = "auto",
     hooks: Sequence[object] = (),
     checkpoint_dir: str | os.PathLike | None = None,
     run_key: str | None = None,
@@ -442,6 +487,7 @@ def fit(
 
     seed            seeds batch order and augmentation per epoch (initial weights are the caller's)
     device          "auto" | "cpu" | "cuda" | torch.device; the model and objective data move there once
+    precision       "auto" | "fp32" | "bf16": the forward's autocast dtype (see :func:`resolve_precision`)
     hooks           objects with any of the :class:`Hook` methods, called in order
     checkpoint_dir  if set, the state after every epoch (model, optimizer, EMA, and the state of
                     an objective or hook that has ``state_dict``) is saved atomically to
@@ -461,6 +507,7 @@ def fit(
         raise ValueError("fit(checkpoint_dir=...) needs a run_key identifying the caller's config")
     t_call = time.perf_counter()
     device = resolve_device(device)
+    amp = resolve_precision(precision, device)
     if channels_last is None:
         channels_last = _has_conv(model)
     model.to(device)
@@ -487,7 +534,7 @@ def fit(
     parts = _stateful(model, optimizer, ema_model, objective, hooks)
     if checkpoint_dir is not None:
         ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME
-        key = _effective_key(run_key, schedule, seed, model, objective)
+        key = _effective_key(run_key, schedule, seed, model, objective, amp)
         state = _read_checkpoint(ckpt_path, key)
         restored = None if state is None else _restore(state, parts, ckpt_path)
         if restored is not None:
@@ -529,7 +576,7 @@ def fit(
                 lr = schedule.lr_at(step, total_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                with _autocast(device):
+                with _autocast(device, amp):
                     out = objective.loss(model, batch)
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
@@ -594,6 +641,7 @@ def fit(
         start_epoch=start_epoch,
         resumed=resumed,
         stopped_early=stopped_early,
+        precision=precision_name(amp),
     )
 
 
@@ -661,6 +709,7 @@ def predict(
     *,
     batch_size: int = 1024,
     device: str | torch.device | None = None,
+    precision: str = "auto",
     output: str = "logits",
 ) -> Tensor:
     """Batched inference in eval mode without augmentation (the model's mode is restored after).
@@ -668,12 +717,14 @@ def predict(
     images  (N, C, H, W) uint8
     output  "logits" -> (N, K), "probs" -> (N, K) softmax, "features" -> (N, F) from ``model.features``
     device  where to run (default: the model's device; the model is moved there)
+    precision  "auto" | "fp32" | "bf16" (see :func:`resolve_precision`); outputs are float32 either way
     Returns a float32 CPU tensor.
     """
     if output not in ("logits", "probs", "features"):
         raise ValueError(f"output must be 'logits', 'probs' or 'features', got {output!r}")
     images = as_uint8_images(images)
     device = _model_device(model) if device is None else resolve_device(device)
+    amp = resolve_precision(precision, device)
     model.to(device)
     was_training = model.training
     model.eval()
@@ -682,7 +733,7 @@ def predict(
     try:
         for start in range(0, images.shape[0], batch_size):
             x = to_float(images[start : start + batch_size].to(device, non_blocking=True))
-            with _autocast(device):
+            with _autocast(device, amp):
                 y = forward(x)
             y = y.float()
             if output == "probs":
@@ -702,8 +753,9 @@ def evaluate(
     *,
     batch_size: int = 1024,
     device: str | torch.device | None = None,
+    precision: str = "auto",
 ) -> float:
     """Top-1 accuracy of ``model`` on uint8 ``images`` (N, C, H, W) with ``labels`` (N,)."""
-    logits = predict(model, images, batch_size=batch_size, device=device)
+    logits = predict(model, images, batch_size=batch_size, device=device, precision=precision)
     labels = torch.as_tensor(labels).long().cpu()
     return float((logits.argmax(1) == labels).float().mean()) if len(labels) else float("nan")

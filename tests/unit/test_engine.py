@@ -25,7 +25,8 @@ from semiprune_core.training import (
     resolve_device,
     to_float,
 )
-from semiprune_core.training.engine import CHECKPOINT_NAME
+from semiprune_core.training import engine
+from semiprune_core.training.engine import CHECKPOINT_NAME, resolve_precision
 
 SIZE, CLASSES = 16, 3
 
@@ -86,6 +87,30 @@ def test_same_seed_same_weights_other_seed_other_weights(data):
     runs = [fit(cnn(), SupervisedObjective(x, y, view="strong"), SCHEDULE, seed=s, device="cpu").model for s in (7, 7, 8)]
     assert_same_weights(runs[0], runs[1])
     assert not torch.equal(runs[0].head.weight, runs[2].head.weight)
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively(monkeypatch):
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: False)
+    assert resolve_precision("auto", "cpu") is None  # emulated bf16 would be slower than fp32
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: True)
+    assert resolve_precision("auto", "cpu") == torch.bfloat16
+    assert resolve_precision("fp32", "cpu") is None and resolve_precision("bf16", "cpu") == torch.bfloat16
+    with pytest.raises(ConfigError, match="unknown precision 'fp16'"):
+        resolve_precision("fp16", "cpu")
+
+
+def test_bf16_training_learns_like_fp32_and_says_which_it_ran(data):
+    x, y = data
+    x_test, y_test = blobs(300, seed=1)
+    runs = {p: fit(cnn(), SupervisedObjective(x, y, view="weak", padding=1), SCHEDULE, seed=0, device="cpu", precision=p)
+            for p in ("fp32", "bf16")}
+    assert {p: r.precision for p, r in runs.items()} == {"fp32": "fp32", "bf16": "bf16"}
+    assert all(p.dtype == torch.float32 for p in runs["bf16"].model.parameters())  # weights stay fp32
+    acc = {p: evaluate(r.model, x_test, y_test, precision=p) for p, r in runs.items()}
+    assert acc["bf16"] > 0.8 and abs(acc["bf16"] - acc["fp32"]) < 0.05
+    logits = predict(runs["bf16"].model, x_test, precision="bf16")
+    assert logits.dtype == torch.float32  # outputs are float32 whatever ran inside
+    torch.testing.assert_close(logits, predict(runs["bf16"].model, x_test, precision="fp32"), atol=0.15, rtol=0.05)
 
 
 class Recorder(Hook):
@@ -326,11 +351,11 @@ def test_predict_is_deterministic_in_eval_mode_and_restores_the_mode(data):
     x, y = data
     model = fit(cnn(), SupervisedObjective(x, y), SCHEDULE, seed=0, device="cpu").model
     model.train()
-    a = predict(model, x, batch_size=37)
-    b = predict(model, x, batch_size=1000)
+    a = predict(model, x, batch_size=37, precision="fp32")
+    b = predict(model, x, batch_size=1000, precision="fp32")
     assert a.shape == (len(x), CLASSES) and a.dtype == torch.float32 and a.device.type == "cpu"
     torch.testing.assert_close(a, b)
-    assert torch.equal(predict(model, x, batch_size=37), a)
+    assert torch.equal(predict(model, x, batch_size=37, precision="fp32"), a)
     assert model.training  # mode restored
     with torch.no_grad():
         torch.testing.assert_close(a, model.eval()(to_float(x)))
