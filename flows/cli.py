@@ -16,7 +16,7 @@ from semiprune_core import __version__
 from semiprune_core.config import param_diff
 from semiprune_core.errors import ConfigError, SemiPruneError
 
-from . import team_cache, workspace
+from . import prefect_server, team_cache, workspace
 
 
 PROFILE_DIR = workspace.PROFILES
@@ -231,6 +231,40 @@ def validate_cron(expr: str) -> str:
     return expr
 
 
+def cmd_server_start(args) -> int:
+    state, new = prefect_server.start(port=args.port)
+    print(f"semiprune: Prefect server {'started' if new else 'already running'} at {state['url']} (PID {state['pid']}, "
+          f"log {state['log']}); semiprune commands use it while it runs; `semiprune server stop` ends it", file=sys.stderr)
+    print(state["url"])
+    return 0
+
+
+def cmd_server_stop(args) -> int:
+    state = prefect_server.stop()
+    print(f"semiprune: Prefect server at {state['url']} stopped" if state else "semiprune: no Prefect server was running",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_server_status(args) -> int:
+    state = prefect_server.running()
+    if state is None:
+        print("semiprune: no Prefect server running (each run starts a temporary one; `semiprune server start` keeps one)",
+              file=sys.stderr)
+        return 1
+    print(f"{state['url']}\tPID {state['pid']}\tsince {state['started']}\tlog {state['log']}")
+    return 0
+
+
+def _use_prefect_server() -> None:
+    """Before a command runs a flow: report to the running `semiprune server`, or say what happens instead."""
+    if prefect_server.use_running_server():
+        return
+    if not os.environ.get("PREFECT_API_URL"):
+        print("semiprune: no Prefect server running; this run starts a temporary one (about 5 s; "
+              "`semiprune server start` keeps one for every run)", file=sys.stderr)
+
+
 def cmd_remote(args) -> int:
     name, url = team_cache.add_remote(_project(args.project), args.url, name=args.remote_name, local=args.local)
     print(f"semiprune: remote {name!r} -> {url} is the default for push and run --pull", file=sys.stderr)
@@ -340,6 +374,7 @@ def _parser() -> argparse.ArgumentParser:
         dask = p.add_mutually_exclusive_group()
         dask.add_argument("--dask-address", help="run the stages on this Dask scheduler (tcp://host:8786)")
         dask.add_argument("--dask-workers", type=int, help="run the stages on a local Dask cluster of N workers")
+        p.set_defaults(runs_flows=True)
         return p
 
     run = orchestrated(with_params(sub.add_parser("run", help="run the pipeline as a Prefect flow (DVC re-runs only what is stale)")))
@@ -370,6 +405,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--cron", required=True, help='schedule, e.g. "0 3 * * *" (03:00 every day)')
     serve.add_argument("--deployment", help="deployment name (default semiprune-<workspace>)")
     serve.set_defaults(func=cmd_serve)
+    server = sub.add_parser("server", help="a local Prefect server in the background that every run reports to")
+    server_sub = server.add_subparsers(dest="server_command", required=True)
+    server_start = server_sub.add_parser("start", help="start it (if none runs) and print its API URL")
+    server_start.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")
+    server_start.set_defaults(func=cmd_server_start)
+    server_sub.add_parser("stop", help="stop it").set_defaults(func=cmd_server_stop)
+    server_sub.add_parser("status", help="its URL and PID; exit 1 when none runs").set_defaults(func=cmd_server_status)
     remote = sub.add_parser("remote", help="the team's shared DVC remote (a directory, or s3://... with dvc[s3])")
     remote_sub = remote.add_subparsers(dest="remote_command", required=True)
     add = remote_sub.add_parser("add", help="make URL the default remote")
@@ -413,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = _parser().parse_args(argv)
     try:
+        if getattr(args, "runs_flows", False):
+            _use_prefect_server()
         return args.func(args)
     except SemiPruneError as err:
         print(f"error: {err}", file=sys.stderr)
