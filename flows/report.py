@@ -6,6 +6,8 @@ record in ``.semiprune/last_run.json``) and, when a sweep exists, ``reports/swee
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from pathlib import Path
 
@@ -22,6 +24,10 @@ LAST_RUN = Path(".semiprune/last_run.json")
 METRICS = {"prepare": "prepare", "ssl_train": "ssl", "pseudo_label": "pseudo", "score": "score_fold_{i}",
            "scores": "scores", "select": "select", "evaluate": "evaluate"}
 GRID_PER_CLASS = 8
+#: PNGs by a digest of what they show: a run whose outputs were restored from the cache (a ratio set
+#: back) redraws nothing it has drawn before. The newest KEEP_FIGURES are kept.
+FIGURES = Path(".semiprune/figures")
+KEEP_FIGURES = 64
 
 
 def record_run(ws: Path, records: list[dict]) -> None:
@@ -50,9 +56,46 @@ def cost_rows(ws: Path) -> list[list[object]]:
     return rows
 
 
-def _grid(audit: dict, images: dict, class_names: list[str], pick) -> bytes | None:
-    """A grid with one row per class of up to GRID_PER_CLASS samples chosen by ``pick(class) -> indices``."""
-    rows, caps, cells = [], [], []
+def _digest(*parts) -> str:
+    """SHA-256 of arrays (dtype, shape and bytes) and JSON-able values, in order."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, np.ndarray) and part.dtype != object:
+            h.update(f"{part.dtype}{part.shape}".encode())
+            h.update(np.ascontiguousarray(part).tobytes())
+        else:
+            h.update(json.dumps(part.tolist() if isinstance(part, np.ndarray) else part, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _memo_png(ws: Path, key: str, draw) -> bytes:
+    """The PNG stored under ``key``, or ``draw()``'s, stored for next time."""
+    folder = ws / FIGURES
+    path = folder / f"{key[:40]}.png"
+    if path.exists():
+        path.touch()  # recently used: kept longest
+        return path.read_bytes()
+    png = draw()
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(png)
+    for old in sorted(folder.glob("*.png"), key=lambda p: p.stat().st_mtime_ns)[:-KEEP_FIGURES]:
+        old.unlink(missing_ok=True)
+    return png
+
+
+def _figure(ws: Path, make, *args) -> bytes:
+    """``make(*args)``, a figure of :mod:`semiprune_core.report`, drawn once per distinct input."""
+    return _memo_png(ws, _digest(make.__name__, *args), lambda: make(*args))
+
+
+def _grid(ws: Path, audit: dict, class_names: list[str], pick, images_file: Path, read_images) -> bytes | None:
+    """A grid with one row per class of up to GRID_PER_CLASS samples chosen by ``pick(class) -> indices``.
+
+    Keyed by the chosen ids and captions and the images file's identity, so a drawn grid is reused
+    without decoding the images again; ``read_images()`` -> {sample_id: image} is called only to draw.
+    """
+    rows, caps, ids = [], [], []
     for c, name in enumerate(class_names):
         idx = pick(c)[:GRID_PER_CLASS]
         if len(idx) == 0:
@@ -61,15 +104,21 @@ def _grid(audit: dict, images: dict, class_names: list[str], pick) -> bytes | No
         caps.append([audit["sample_id"][i].rpartition("/")[2] + (
             f" (true: {class_names[audit['hidden_true_label'][i]]})"
             if "hidden_true_label" in audit and audit["hidden_true_label"][i] != audit["target"][i] else "") for i in idx])
-        cells.append([images[audit["sample_id"][i]] for i in idx])
+        ids.append([str(audit["sample_id"][i]) for i in idx])
     if not rows:
         return None
-    shape = next(iter(images.values())).shape
-    grid = np.zeros((len(rows), GRID_PER_CLASS, *shape), np.uint8)
-    for r, row in enumerate(cells):
-        for k, img in enumerate(row):
-            grid[r, k] = img
-    return fig.image_grid(grid, rows, caps)
+
+    def draw() -> bytes:
+        images = read_images()
+        shape = next(iter(images.values())).shape
+        grid = np.zeros((len(rows), GRID_PER_CLASS, *shape), np.uint8)
+        for r, row in enumerate(ids):
+            for k, sid in enumerate(row):
+                grid[r, k] = images[sid]
+        return fig.image_grid(grid, rows, caps)
+
+    stat = images_file.stat()
+    return _memo_png(ws, _digest("image_grid", rows, caps, ids, str(images_file.resolve()), stat.st_size, stat.st_mtime_ns), draw)
 
 
 def build_report(ws: Path, project: Path | None = None) -> Path:
@@ -103,20 +152,21 @@ def build_report(ws: Path, project: Path | None = None) -> Path:
         import pyarrow.parquet as pq
 
         page.heading("Accuracy against pruning ratio")
-        page.figure(fig.accuracy_vs_ratio(pq.read_table(sweep).to_pylist()),
+        page.figure(_figure(ws, fig.accuracy_vs_ratio, pq.read_table(sweep).to_pylist()),
                     f"final-epoch test accuracy of a model trained on each coreset ({sweep})")
 
     kind = str(s.get("score", "oos_aum")).partition("_")[2] or "aum"
     if f"oos_{kind}" in audit and f"ins_{kind}" in audit:
         page.heading("Scores: the unseen model against the models that saw each sample")
-        page.figure(fig.score_histograms(audit[f"oos_{kind}"].astype(float), audit[f"ins_{kind}"].astype(float), kind, kept),
+        page.figure(_figure(ws, fig.score_histograms, audit[f"oos_{kind}"].astype(float), audit[f"ins_{kind}"].astype(float), kind,
+                            kept),
                     f"{kind}: out-of-sample (left) and in-sample (right), kept and pruned stacked")
 
     page.heading("Kept and pruned per class")
     targets = audit["target"].astype(int)
     k = np.bincount(targets[kept], minlength=len(class_names))
     p = np.bincount(targets[~kept], minlength=len(class_names))
-    page.figure(fig.class_counts(class_names, k, p), "samples per target class")
+    page.figure(_figure(ws, fig.class_counts, class_names, k, p), "samples per target class")
     page.table(["class", "kept", "pruned"], [[n, int(k[c]), int(p[c])] for c, n in enumerate(class_names)])
 
     pseudo = audit["label_source"].astype(str) == "pseudo"
@@ -125,27 +175,32 @@ def build_report(ws: Path, project: Path | None = None) -> Path:
         matrix = np.zeros((len(class_names), len(class_names)), np.int64)
         np.add.at(matrix, (truth, guess), 1)
         page.heading("Pseudo-labels against the hidden true labels")
-        page.figure(fig.confusion(matrix, class_names),
+        page.figure(_figure(ws, fig.confusion, matrix, class_names),
                     f"{int(pseudo.sum()):,} pseudo-labeled samples; {float((truth == guess).mean()):.1%} correct")
 
-    ids, imgs = read_images(ws / PREPARE_DIR / IMAGES)
     rank = audit["rank"].astype(np.int64)
+    mislabeled = ~kept & np.array(["likely wrong label" in r for r in audit["reason"]])
+    images_file = ws / PREPARE_DIR / IMAGES
+
+    @functools.cache
+    def grid_images() -> dict:
+        wanted = set(audit["sample_id"][mislabeled]) | set(audit["sample_id"][kept])
+        ids, imgs = read_images(images_file)
+        return {sid: imgs[i] for i, sid in enumerate(ids) if sid in wanted}
 
     def hardest(mask):
         return lambda c: np.flatnonzero(mask & (targets == c))[np.argsort(-rank[mask & (targets == c)], kind="stable")]
 
-    mislabeled = ~kept & np.array(["likely wrong label" in r for r in audit["reason"]])
-    needed = set(audit["sample_id"][mislabeled]) | set(audit["sample_id"][kept])
-    images = {sid: imgs[i] for i, sid in enumerate(ids) if sid in needed}
     page.heading("Pruned as likely mislabeled")
-    grid = _grid(audit, images, class_names, hardest(mislabeled)) if mislabeled.any() else None
+    grid = _grid(ws, audit, class_names, hardest(mislabeled), images_file, grid_images) if mislabeled.any() else None
     if grid:
         page.figure(grid, f"per target class, the hardest {GRID_PER_CLASS} pruned by the cutoff rule "
                           "(captions: sample id; the true label where a benchmark knows it differs)")
     else:
         page.text(f"Strategy {s.get('strategy')} prunes nothing as likely mislabeled.")
     page.heading("Hardest samples kept")
-    page.figure(_grid(audit, images, class_names, hardest(kept)), f"per target class, the {GRID_PER_CLASS} kept samples ranked hardest")
+    page.figure(_grid(ws, audit, class_names, hardest(kept), images_file, grid_images),
+                f"per target class, the {GRID_PER_CLASS} kept samples ranked hardest")
 
     page.heading("Params")
     page.table(["section", "values"], [[k, json.dumps(v)] for k, v in params.items()])
