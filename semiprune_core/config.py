@@ -158,6 +158,10 @@ class Supervised(Section):
 class Proxy(Supervised):
     """score@fold: the proxy model trained on the other folds with the pipeline's target labels."""
 
+    stop_after: int | None = Field(
+        None, ge=1, description="train and record only the first N of the `epochs`-long schedule: enough for early-epoch "
+                                "scores (DUAL over scores.first_dual, EL2N over scores.first_el2n); null = all epochs")
+
 
 class Scores(Section):
     """scores: trajectories -> per-sample scores (windows and horizons in epochs; see METHODS.md)."""

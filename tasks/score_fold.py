@@ -39,8 +39,9 @@ def score_fold(ctx: StageContext, k: int) -> None:
     model = create_model(px.model, in_channels=c, num_classes=data.num_classes, image_size=h,
                          seed=stream_seed(base.seed, "proxy", k))
     schedule = Schedule(epochs=px.epochs, batch_size=px.batch_size, lr=px.lr, momentum=px.momentum,
-                        nesterov=px.momentum > 0, weight_decay=px.weight_decay, warmup=px.warmup)
-    recorder = DynamicsRecorder(len(train), px.epochs, oos_rows=held, oos_images=images[held],
+                        nesterov=px.momentum > 0, weight_decay=px.weight_decay, warmup=px.warmup,
+                        stop_after=px.stop_after)
+    recorder = DynamicsRecorder(len(train), schedule.train_epochs, oos_rows=held, oos_images=images[held],
                                 oos_targets=targets[held], scratch_dir=ctx.scratch, run_key=run_key,
                                 precision=base.precision)
     objective = SupervisedObjective(images[fit_rows], targets[fit_rows], ids=fit_rows, view=px.view,
@@ -50,7 +51,7 @@ def score_fold(ctx: StageContext, k: int) -> None:
                  desc=f"score@{k}")
     out = dynamics_path(k)
     recorder.write_parquet(out, data.sample_ids[train], fold=folds,
-                           meta={"held_out_fold": k, "params": ctx.params.to_dict()})
+                           meta={"held_out_fold": k, "schedule_epochs": px.epochs, "params": ctx.params.to_dict()})
     recorder.cleanup()
     (ctx.scratch / "checkpoint.pt").unlink(missing_ok=True)
     write_json(f"metrics/score_fold_{k}.json", {
@@ -58,6 +59,7 @@ def score_fold(ctx: StageContext, k: int) -> None:
         "n_train": int(len(fit_rows)),
         "n_held_out": int(len(held)),
         "epochs": result.epochs_completed,
+        "schedule_epochs": px.epochs,
         "precision": result.precision,
         "resumed_from_epoch": result.start_epoch if result.resumed else None,
         "train_seconds": round(result.train_seconds, 2),

@@ -155,6 +155,9 @@ class Schedule:
     ema_decay      keep an exponential moving average of the weights (FixMatch: 0.999); None = off.
                    Step t uses min(ema_decay, (1 + t) / (10 + t)) (the usual warm-up), so a short run's
                    EMA follows the trained weights instead of staying near the initial ones.
+    stop_after     train only the first ``stop_after`` epochs (None = all): the lr still follows the
+                   ``epochs``-long schedule, so they are exactly the first epochs of a full run (what
+                   early-epoch scores such as DUAL need, at a fraction of the cost)
     max_seconds    wall-clock guard: an epoch is not started when, at the pace of the slowest epoch so
                    far, it would end past the budget (the first epoch always runs). The lr schedule is *not*
                    rescaled, so a run that hits the guard ends un-annealed and is flagged
@@ -169,6 +172,7 @@ class Schedule:
     weight_decay: float = 5e-4
     warmup: float = 0.0
     ema_decay: float | None = None
+    stop_after: int | None = None
     max_seconds: float | None = None
 
     def __post_init__(self) -> None:
@@ -189,8 +193,15 @@ class Schedule:
             raise ConfigError(f"warmup is a fraction of all steps in [0, 1), got {self.warmup!r}", fix)
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in (0, 1) or null, got {self.ema_decay!r}", fix)
+        if self.stop_after is not None and (not isinstance(self.stop_after, int) or self.stop_after <= 0):
+            raise ConfigError(f"stop_after must be a positive integer or null, got {self.stop_after!r}", fix)
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise ConfigError(f"max_seconds must be > 0 or null, got {self.max_seconds!r}", fix)
+
+    @property
+    def train_epochs(self) -> int:
+        """The epochs :func:`fit` trains: ``epochs``, or fewer with ``stop_after``."""
+        return min(self.epochs, self.stop_after or self.epochs)
 
     def lr_at(self, step: int, total_steps: int) -> float:
         """Learning rate of 0-based ``step`` of ``total_steps``: linear warmup, then cosine to 0."""
@@ -427,7 +438,7 @@ class FitResult:
     start_epoch     first epoch this call trained (0 for a fresh run)
     resumed         whether a checkpoint was loaded
     precision       "bf16" or "fp32": what the forwards ran in
-    stopped_early   the ``max_seconds`` guard ended the run before ``schedule.epochs``
+    stopped_early   the ``max_seconds`` guard ended the run before ``schedule.train_epochs``
     """
 
     model: nn.Module
@@ -550,13 +561,13 @@ def fit(
     if progress is None:
         progress = sys.stderr.isatty()
     bar = tqdm(
-        total=total_steps, initial=start_epoch * steps_per_epoch, desc=desc, unit="step",
+        total=schedule.train_epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, desc=desc, unit="step",
         disable=not progress, file=sys.stderr, dynamic_ncols=True, leave=False,
     )
     step = start_epoch * steps_per_epoch
     stopped_early = False
     try:
-        for epoch in range(start_epoch, schedule.epochs):
+        for epoch in range(start_epoch, schedule.train_epochs):
             if _over_budget(schedule, history, train_seconds):
                 stopped_early = True
                 logger.warning(

@@ -45,6 +45,24 @@ def test_changing_a_scores_param_reuses_the_fold_dynamics(project):
     assert "Running stage 'scores'" in out
 
 
+def test_folds_stopped_early_record_only_the_epochs_the_early_scores_need(project):
+    args = [a if a != "proxy.epochs=4" else "proxy.epochs=6" for a in TINY]
+    run_cli(project, "run", *args, "--set", "proxy.stop_after=3", "--set", "scores.first_dual=3",
+            "--set", "scores.first_el2n=2", "--name", "early", check=True)
+    ws = project / "runs" / "early"
+    for k in (0, 1):
+        cost = json.loads((ws / f"metrics/score_fold_{k}.json").read_text())
+        assert (cost["epochs"], cost["schedule_epochs"], cost["sample_passes"]) == (3, 6, 3 * 600)
+        assert pq.read_schema(ws / f"artifacts/dynamics/fold_{k}.parquet").field("margin").type.list_size == 3
+    metrics = json.loads((ws / "metrics/scores.json").read_text())
+    assert (metrics["epochs"], metrics["schedule_epochs"]) == (3, 6)
+    # DUAL over the first 5 epochs cannot come from folds that stopped after 3: refused, not silently shortened
+    proc = run_cli(project, "run", *args, "--set", "proxy.stop_after=3", "--set", "scores.first_dual=5",
+                   "--set", "scores.first_el2n=2")
+    assert proc.returncode == 2
+    assert "scores.first_dual is 5 epochs, but the folds stopped after 3 of 6" in proc.stderr, proc.stderr[-500:]
+
+
 def test_bad_fold_params_are_refused(project):
     proc = run_cli(project, "run", *TINY, "--set", "cv.k=1")
     assert proc.returncode == 2 and "cv.k" in proc.stderr

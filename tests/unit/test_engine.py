@@ -113,6 +113,26 @@ def test_bf16_training_learns_like_fp32_and_says_which_it_ran(data):
     torch.testing.assert_close(logits, predict(runs["bf16"].model, x_test, precision="fp32"), atol=0.15, rtol=0.05)
 
 
+def test_stop_after_trains_exactly_the_first_epochs_of_the_full_schedule(data):
+    x, y = data
+    at_epoch_2 = {}
+
+    class Snapshot(Hook):
+        def on_epoch_end(self, epoch, model):
+            if epoch == 1:
+                at_epoch_2.update(weights(model))
+
+    full = fit(cnn(), SupervisedObjective(x, y), SCHEDULE, seed=3, device="cpu", hooks=[Snapshot()])
+    early = fit(cnn(), SupervisedObjective(x, y), Schedule(**{**SCHEDULE.__dict__, "stop_after": 2}), seed=3, device="cpu")
+    assert early.epochs_completed == 2 and not early.stopped_early and early.sample_passes == 2 * len(x)
+    assert [h["lr"] for h in early.history] == [h["lr"] for h in full.history[:2]]  # not re-annealed over 2 epochs
+    assert weights(early.model).keys() == at_epoch_2.keys()
+    for k, v in weights(early.model).items():
+        assert torch.equal(v, at_epoch_2[k]), k
+    with pytest.raises(ConfigError, match="stop_after must be a positive integer"):
+        Schedule(epochs=4, stop_after=0)
+
+
 class Recorder(Hook):
     def __init__(self):
         self.batches, self.epochs, self.starts = [], [], []
