@@ -1,24 +1,23 @@
-"""Scoring at scale: fold dynamics of 1M samples x 30 epochs -> oos_/ins_ scores (a benchmark, not a test).
+"""Scoring and selection at ImageNet-1K size: fold dynamics of 1,281,167 samples x 60 epochs (a benchmark, not a test).
 
 Writes K synthetic fold dynamics files with the real writer (:func:`write_dynamics`, via the same
-(E, N, 6) float16 memmap layout the recorder streams to), then times :func:`combine_folds` (which
-reads each file and runs :func:`compute_scores` on it) in a fresh process, so its peak RSS is the
-scoring's own. Reports wall seconds, peak memory (``ru_maxrss``, and the baseline after imports),
-storage in bytes per sample-epoch (file size / (N x E)), and, as a sanity check on the synthetic
+(E, N, 6) float16 memmap layout the recorder streams to), then measures, each in a fresh process so
+its peak RSS is its own:
+  - :func:`combine_folds` alone (reads each file and runs :func:`compute_scores` on it), with a
+    breakdown of reading one file vs scoring it;
+  - the real ``scores`` and ``select`` stages (``python -m tasks.scores``, ``python -m tasks.select``
+    for each ``--strategies``) in a workspace holding those files, pseudo-labels and hidden true labels,
+    as DVC would run them: wall seconds and peak RSS of each stage's process (``wait4``).
+Also storage in bytes per sample-epoch (file size / (N x E)) and, as a sanity check on the synthetic
 data, the spread of in-sample vs out-of-sample AUM and how well each finds the mislabeled samples.
 
-    python benchmarks/bench_scores.py [--samples 1000000] [--epochs 30] [--folds 2] [--json out.json]
+    python benchmarks/bench_scores.py [--samples 1281167] [--epochs 60] [--folds 2] [--json out.json]
 
 Synthetic dynamics: C classes, 10% of targets flipped to another class ("mislabeled"); the logits of
 epoch t have Gaussian noise, a signal for the true class that grows with t (weaker for "hard"
 samples), and, for in-sample rows only, a memorisation term for the target label that grows late in
 training (so in-sample scores of mislabeled samples look learned, as UNSEEN describes). The
 statistics are computed with the recorder's own :func:`per_sample_stats`.
-
-Measured 2026-11-24 on the 2-CPU dev machine (idle), defaults (1M x 30, K=2, w=10, T=30, T_e=20):
-combine_folds 6.7 s wall (per file: read 1.1 s, compute_scores 1.2 s), peak RSS 1.05 GiB
-(74 MiB after imports); 7.96 bytes per sample-epoch on disk (228 MiB per fold file); writing one
-file 5.3 s. Synthetic sanity check: in-sample AUM is squeezed (p5-p95 width 16.6 vs 30.7 out-of-sample).
 """
 
 from __future__ import annotations
@@ -64,6 +63,13 @@ def generate(args) -> dict:
     ids = np.array([f"train/{i:07d}" for i in g.permutation(n)], dtype=object)
     fold = assign_folds(target, k=k, seed=args.seed)
     write_table(work / "truth.parquet", pa.table({"sample_id": ids, "is_noisy": noisy}))
+    # what the pipeline would have before `scores`: the targets, and (benchmarks) the true labels
+    classes = [f"class{c}" for c in range(c)]
+    write_table(work / "pseudo_labels.parquet", pa.table({
+        "sample_id": ids, "target": pa.array(target, pa.int16()),
+        "label_source": np.where(g.random(n) < 0.01, "human", "pseudo"),
+    }), meta={"class_names": classes})
+    write_table(work / "hidden_labels.parquet", pa.table({"sample_id": ids, "true_label": pa.array(true, pa.int16())}))
     rows = np.arange(n)
     t_target = torch.from_numpy(target)
     timings = {"simulate_s": 0.0, "write_s": 0.0}
@@ -133,6 +139,41 @@ def score(args) -> dict:
             "peak_rss_mib": peak, "rss_after_python_numpy_mib": base, "rss_after_imports_mib": imported, **quality}
 
 
+def stages(args) -> dict:
+    """The scores stage, then the select stage once per strategy, as DVC runs them, in a workspace."""
+    import yaml
+
+    repo, work = HERE.parent.parent, Path(args.dir)
+    ws = work / "workspace"
+    for sub in ("dynamics", "pseudo", "prepare", "scores", "select"):
+        (ws / "artifacts" / sub).mkdir(parents=True, exist_ok=True)
+    for j in range(args.folds):
+        (work / f"fold_{j}.parquet").rename(ws / f"artifacts/dynamics/fold_{j}.parquet")
+    (work / "pseudo_labels.parquet").rename(ws / "artifacts/pseudo/pseudo_labels.parquet")
+    (work / "hidden_labels.parquet").rename(ws / "artifacts/prepare/hidden_labels.parquet")
+    shutil.copy(repo / "dvc.yaml", ws / "dvc.yaml")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["base"]["threads"] = args.threads
+    params["cv"].update(k=args.folds, folds=list(range(args.folds)))
+    params["scores"].update(window=args.window, first_dual=args.first_dual, first_el2n=args.first_el2n)
+    env = {**os.environ, "PYTHONPATH": str(repo), "SEMIPRUNE_LOG_LEVEL": "WARNING"}
+
+    def run(module: str) -> dict:
+        (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", module], cwd=ws, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"{module} failed ({os.waitstatus_to_exitcode(status)})")
+        return {"wall_s": round(time.perf_counter() - t0, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+
+    out = {"scores": run("tasks.scores"), "select": {}}
+    for strategy in args.strategies:
+        params["select"].update(strategy=strategy, score="oos_dual" if strategy == "dual_beta" else "oos_aum")
+        out["select"][strategy] = run("tasks.select")
+    return out
+
+
 def child(args, phase: str) -> dict:
     cmd = [sys.executable, str(HERE), "--phase", phase, *sys.argv[1:]]
     env = {**os.environ, "PYTHONPATH": str(HERE.parent.parent)}
@@ -145,8 +186,8 @@ def child(args, phase: str) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--samples", type=int, default=1_000_000)
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--samples", type=int, default=1_281_167, help="pool size (default: ImageNet-1K's train set)")
+    p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--folds", type=int, default=2)
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--noise", type=float, default=0.1, help="fraction of mislabeled targets")
@@ -155,13 +196,15 @@ def main() -> int:
     p.add_argument("--first-el2n", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strategies", nargs="+", default=["random", "aum_cutoff", "ccs", "dual_beta"],
+                   help="select strategies to time (each a run of the select stage)")
     p.add_argument("--dir", help="working folder (default: a temp dir, deleted after)")
     p.add_argument("--json", help="also write the report here")
-    p.add_argument("--phase", choices=["generate", "score"], help=argparse.SUPPRESS)
+    p.add_argument("--phase", choices=["generate", "score", "stages"], help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.phase:  # a child process: one phase, JSON on the last stdout line
-        print(json.dumps(generate(args) if args.phase == "generate" else score(args)))
+        print(json.dumps({"generate": generate, "score": score, "stages": stages}[args.phase](args)))
         return 0
 
     owned = args.dir is None
@@ -172,6 +215,7 @@ def main() -> int:
         gen = child(args, "generate")
         sizes = [Path(f).stat().st_size for f in gen["files"]]
         res = child(args, "score")
+        staged = child(args, "stages")
     finally:
         if owned:
             shutil.rmtree(args.dir, ignore_errors=True)
@@ -184,6 +228,7 @@ def main() -> int:
         "scratch_bytes_per_sample_epoch": 12,
         "generate": {k: v for k, v in gen.items() if k != "files"},
         "score": res,
+        "stages": staged,
     }
     text = json.dumps(report, indent=2, default=float)
     print(text)
