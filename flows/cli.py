@@ -60,7 +60,7 @@ def _gpus(text: str | None) -> list[str] | None:
 
 
 def _workers(args, params: dict) -> int:
-    """Stages at a time: ``--workers``, else one per GPU, else as many as the CPU has room for.
+    """Model stages at a time: ``--workers``, else one per GPU, else as many as the CPU has room for.
 
     A CPU stage uses ``base.threads`` torch threads (0 = every core). Two such stages at once on
     the same cores run slower than one after the other (each fold took 3.5x longer on 2 cores), and
@@ -212,10 +212,11 @@ def cmd_serve(args) -> int:
     project, ws = _prepared(args)
     name = args.deployment or f"semiprune-{ws.name}"
     workers = _workers(args, yaml.safe_load((ws / "params.yaml").read_text()))
-    flow_ = curation.with_options(task_runner=task_runner(workers, args.dask_address, args.dask_workers))
+    flow_ = curation.with_options(task_runner=task_runner(args.dask_address, args.dask_workers))
     print(f"semiprune: serving deployment {name!r} on schedule {cron!r}; Ctrl-C stops it", file=sys.stderr)
     flow_.serve(name=name, cron=cron, parameters={"workspace": str(ws), "project": str(project),
-                                                  "stage_timeout": args.stage_timeout, "gpus": _gpus(args.gpus)})
+                                                  "stage_timeout": args.stage_timeout, "gpus": _gpus(args.gpus),
+                                                  "model_workers": workers})
     return 0
 
 
@@ -364,7 +365,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def orchestrated(p):
         p.add_argument("--workers", type=int, default=None,
-                       help="stages at a time, e.g. the folds (default: one per GPU; on CPU, as many as base.threads fit the cores)")
+                       help="model stages at a time, e.g. the folds (default: one per GPU; on CPU, as many as base.threads fit the cores); stages without a model run beside them")
         p.add_argument("--stage-timeout", type=float, default=None, metavar="SECONDS",
                        help="kill a stage that runs longer (default: no limit)")
         p.add_argument("--gpus", default="auto",

@@ -3,7 +3,9 @@
 Prefect decides when and where (parallel folds, retries, timeouts, logs, artifacts); DVC alone
 decides what is stale: each task is ``dvc repro --single-item STAGE``, which runs the stage,
 restores it from the run-cache, or finds it up to date. Stages that do not depend on each other
-(the ``score@k`` folds) run side by side, bounded by ``workers``, on threads or on a Dask cluster.
+(the ``score@k`` folds) run side by side, on threads or on a Dask cluster. On threads, at most
+``workers`` stages that run a model (``meta: {gpu: true}``) run at once; the light stages that run
+none (``audit`` after ``select``, say) go beside them instead of waiting for a slot.
 
 Starting a DVC process per stage costs about a second, so the flow first runs the stages that
 always run (``source``), then asks ``dvc status`` once: a stage that is neither stale nor
@@ -23,6 +25,8 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -54,6 +58,15 @@ def _retry_transient(task, task_run, state) -> bool:
     return not (isinstance(exc, StageFailed) and (exc.run.bad_input or exc.run.outcome == "timed out"))
 
 
+#: per flow run in this process: a semaphore bounding how many model stages run at once
+_MODEL_SLOTS: dict[str, threading.BoundedSemaphore] = {}
+
+
+def _model_slot(key: str | None) -> contextlib.AbstractContextManager:
+    # a function of its own, so a task shipped to Dask pickles a reference to it, not the semaphores
+    return _MODEL_SLOTS.get(key) or contextlib.nullcontext()
+
+
 def gpu_slot(device: str) -> str:
     """The Prefect global concurrency limit guarding one GPU of this machine."""
     return f"semiprune-gpu-{socket.gethostname()}-{device}"
@@ -72,11 +85,12 @@ def visible_gpus() -> list[str]:
 @task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_condition_fn=_retry_transient,
       cache_policy=None, persist_result=False)
 def stage_task(workspace: str, project: str, name: str, timeout: float | None = None, *, check: bool = True,
-               force: bool = False, pull: bool = False, device: str | None = None) -> dict:
+               force: bool = False, pull: bool = False, device: str | None = None, slots: str | None = None) -> dict:
     """Run one stage through DVC; its output goes line by line to the task's log.
 
     ``check=False``: ``dvc status`` found the stage and its upstream up to date, so no process runs.
     ``device``: the GPU this stage gets to itself for as long as it runs.
+    ``slots``: the flow run's model-stage semaphore (a key of ``_MODEL_SLOTS``), held while it runs.
     """
     record = {"name": name, "device": device, "worker": f"{socket.gethostname()}:{os.getpid()}"}
     if not check and not force:
@@ -89,7 +103,7 @@ def stage_task(workspace: str, project: str, name: str, timeout: float | None = 
 
         env["CUDA_VISIBLE_DEVICES"] = device
         guard = concurrency(gpu_slot(device), occupy=1, strict=True)
-    with guard:
+    with _model_slot(slots), guard:
         result = run_stage(Path(workspace), name, env=env, timeout=timeout, force=force, pull=pull,
                            on_line=log.info)
     if result.outcome in ("failed", "timed out"):
@@ -101,20 +115,30 @@ def stage_task(workspace: str, project: str, name: str, timeout: float | None = 
 @flow(name="semiprune-curation", log_prints=True)
 def curation(workspace: str, project: str | None = None, stage_timeout: float | None = None,
              stages: list[str] | None = None, force: bool = False, gpus: list[str] | None = None,
-             pull: bool = False, publish_rows: int = 1000) -> list[dict]:
+             pull: bool = False, publish_rows: int = 1000, model_workers: int | None = None) -> list[dict]:
     """Run the stages of ``workspace`` (a DVC repository; ``stages``: only those and their upstream).
 
     ``pull``: take each stage from the team remote when a run with the same inputs is there.
+    ``model_workers``: at most this many stages that run a model at once (None: no bound but the
+    task runner's); stages without a model are not counted.
 
     Returns one record per stage (outcome, seconds, device, worker) and publishes a summary and a
     table of the pruned samples as Prefect artifacts.
     """
     ws, proj = Path(workspace), project or workspace
-    with run_lock(ws):  # a no-op under `semiprune run`, which holds it already; guards served runs
-        return _curate(ws, proj, stage_timeout, stages, force, gpus, pull, publish_rows)
+    slots = None
+    if model_workers:
+        slots = str(uuid.uuid4())
+        _MODEL_SLOTS[slots] = threading.BoundedSemaphore(model_workers)
+    try:
+        with run_lock(ws):  # a no-op under `semiprune run`, which holds it already; guards served runs
+            return _curate(ws, proj, stage_timeout, stages, force, gpus, pull, publish_rows, slots)
+    finally:
+        _MODEL_SLOTS.pop(slots, None)
 
 
-def _curate(ws: Path, proj: str, stage_timeout, stages, force: bool, gpus, pull: bool, publish_rows: int) -> list[dict]:
+def _curate(ws: Path, proj: str, stage_timeout, stages, force: bool, gpus, pull: bool, publish_rows: int,
+            slots: str | None) -> list[dict]:
     graph = stage_graph(ws)
     if stages:
         graph = upstream_closure(graph, list(stages))
@@ -135,7 +159,7 @@ def _curate(ws: Path, proj: str, stage_timeout, stages, force: bool, gpus, pull:
             device, gpu_stages = gpus[gpu_stages % len(gpus)], gpu_stages + 1
         futures[stage.name] = stage_task.with_options(task_run_name=stage.name).submit(
             str(ws), proj, stage.name, stage_timeout, check=check, force=force, pull=pull, device=device,
-            wait_for=[futures[u] for u in stage.upstream if u in futures])
+            slots=slots if stage.gpu else None, wait_for=[futures[u] for u in stage.upstream if u in futures])
 
     first = [s for s in graph if s.always_changed and not s.upstream]
     for stage in first:
@@ -176,8 +200,9 @@ def _curate(ws: Path, proj: str, stage_timeout, stages, force: bool, gpus, pull:
     return records
 
 
-def task_runner(workers: int = 2, dask_address: str | None = None, dask_workers: int | None = None):
-    """Threads on this machine (default), an existing Dask cluster, or a local Dask cluster."""
+def task_runner(dask_address: str | None = None, dask_workers: int | None = None):
+    """Threads on this machine (default; the flow's ``model_workers`` bounds the model stages), an
+    existing Dask cluster, or a local Dask cluster (its workers bound every stage)."""
     if dask_address or dask_workers:
         from prefect_dask import DaskTaskRunner
 
@@ -185,19 +210,21 @@ def task_runner(workers: int = 2, dask_address: str | None = None, dask_workers:
             return DaskTaskRunner(address=dask_address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": dask_workers, "threads_per_worker": 1,
                                               "processes": True, "dashboard_address": None})
-    return ThreadPoolTaskRunner(max_workers=workers)
+    return ThreadPoolTaskRunner()
 
 
 def run_curation(workspace: Path, *, project: Path | None = None, workers: int = 2, stage_timeout: float | None = None,
                  stages: list[str] | None = None, force: bool = False, gpus: list[str] | None = None,
                  pull: bool = False, dask_address: str | None = None, dask_workers: int | None = None,
                  wait: bool = False) -> list[dict]:
-    """The curation flow with at most ``workers`` stages at a time (the folds fan out).
+    """The curation flow with at most ``workers`` model stages at a time (the folds fan out; stages
+    that run no model go beside them).
 
     The workspace's run lock is taken before the flow starts, so a busy workspace is one line of
     error (or, with ``wait``, a queue) rather than a failed flow run.
     """
-    runner = task_runner(workers, dask_address, dask_workers)
+    runner = task_runner(dask_address, dask_workers)
     with run_lock(Path(workspace), wait=wait):
         return curation.with_options(task_runner=runner)(
-            str(workspace), str(project) if project else None, stage_timeout, stages, force, gpus, pull)
+            str(workspace), str(project) if project else None, stage_timeout, stages, force, gpus, pull,
+            model_workers=None if dask_address or dask_workers else workers)  # Dask's workers bound it there

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -41,14 +41,54 @@ class Stage:
     gpu: bool = False
 
 
+GRAPH_CACHE = Path(".semiprune/stage_graph.json")
+
+
 def stage_graph(workspace: Path) -> list[Stage]:
-    """The stages of ``workspace``'s dvc.yaml in an order where every stage follows its upstream."""
+    """The stages of ``workspace``'s dvc.yaml in an order where every stage follows its upstream.
+
+    DVC builds the graph (about a second: it imports itself and indexes the repository); the result
+    is kept in ``.semiprune/stage_graph.json`` under a digest of dvc.yaml and params.yaml (the only
+    inputs of its foreach items), so a run whose pipeline did not change reads it back instead.
+    """
+    if not (workspace / ".dvc").is_dir():  # not a parent's repository either: this folder must be one
+        raise ConfigError(f"{workspace} is not a DVC repository", "run from the project root (or `dvc init` there)")
+    key = _graph_key(workspace)
+    cache = workspace / GRAPH_CACHE
+    if key is not None and cache.exists():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            saved = json.loads(cache.read_text())
+            if saved["key"] == key:
+                return [Stage(s["name"], tuple(s["upstream"]), s["always_changed"], s["gpu"]) for s in saved["stages"]]
+    stages = _dvc_stage_graph(workspace)
+    if key is not None:
+        from semiprune_core.io import atomic_path
+
+        with atomic_path(cache) as tmp:
+            tmp.write_text(json.dumps({"key": key, "stages": [asdict(s) for s in stages]}))
+    return stages
+
+
+def _graph_key(workspace: Path) -> str | None:
+    """A digest of what the graph is made of; None when dvc.yaml reads other files (``vars``)."""
+    import hashlib
+    from importlib.metadata import version
+
+    try:
+        dvc_yaml = (workspace / "dvc.yaml").read_bytes()
+        params = (workspace / "params.yaml").read_bytes() if (workspace / "params.yaml").exists() else b""
+    except OSError:
+        return None
+    if b"vars:" in dvc_yaml:
+        return None
+    return hashlib.sha256(b"\0".join([version("dvc").encode(), dvc_yaml, params])).hexdigest()
+
+
+def _dvc_stage_graph(workspace: Path) -> list[Stage]:
     import networkx as nx
     from dvc.exceptions import DvcException, NotDvcRepoError
     from dvc.repo import Repo
 
-    if not (workspace / ".dvc").is_dir():  # not a parent's repository either: this folder must be one
-        raise ConfigError(f"{workspace} is not a DVC repository", "run from the project root (or `dvc init` there)")
     try:
         repo = Repo(str(workspace))
     except NotDvcRepoError:

@@ -57,6 +57,25 @@ def test_two_runs_never_share_one_gpu(prefect_harness, tmp_path):
     assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:])), spans
 
 
+SIDE = PIPELINE.replace("      cmd: python stamp.py fold${item}", "      cmd: python stamp.py fold${item} && echo ${item}") + """
+  side:
+    cmd: python stamp.py side
+    deps:
+      - a.txt
+    outs:
+      - side.json
+"""
+
+
+def test_workers_bound_the_model_stages_and_light_stages_go_beside_them(prefect_harness, tmp_path):
+    repo = dvc_repo(tmp_path / "p", SIDE, {"stamp.py": STAMP})
+    run_curation(repo, workers=1, gpus=[])
+    folds = sorted((stamp(repo, n)["start"], stamp(repo, n)["end"]) for n in ("fold0", "fold1"))
+    assert folds[0][1] <= folds[1][0], folds  # one model stage at a time
+    side = stamp(repo, "side")
+    assert any(side["start"] < end and start < side["end"] for start, end in folds), (side, folds)  # not queued behind them
+
+
 def test_without_gpus_nothing_is_pinned(prefect_harness, tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     repo = dvc_repo(tmp_path / "p", PIPELINE, {"stamp.py": STAMP})

@@ -64,6 +64,20 @@ def test_the_graph_comes_from_dvc_with_every_stage_after_its_upstream(repo):
         assert all(names.index(u) < names.index(s.name) for u in s.upstream)
 
 
+def test_the_graph_is_read_back_until_dvc_yaml_or_params_change(repo, monkeypatch):
+    from flows import stages as stages_module
+
+    first = stage_graph(repo)
+    calls = []
+    real = stages_module._dvc_stage_graph
+    monkeypatch.setattr(stages_module, "_dvc_stage_graph", lambda ws: calls.append(ws) or real(ws))
+    assert stage_graph(repo) == first and calls == []  # from .semiprune/stage_graph.json, no DVC
+    (repo / "params.yaml").write_text("unused: 1\n")
+    assert stage_graph(repo) == first and len(calls) == 1  # params can change foreach items: asked DVC again
+    (repo / "dvc.yaml").write_text((repo / "dvc.yaml").read_text().replace("  slow:", "  slower:"))
+    assert "slower" in [s.name for s in stage_graph(repo)] and len(calls) == 2
+
+
 def test_a_folder_without_dvc_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="is not a DVC repository"):
         stage_graph(tmp_path)
