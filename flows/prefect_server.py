@@ -27,6 +27,8 @@ from pathlib import Path
 from semiprune_core.errors import SemiPruneError
 from semiprune_core.io import atomic_path
 
+from .workspace import pid_alive
+
 STATE_NAME = "semiprune-server.json"
 LOG_NAME = "semiprune-server.log"
 
@@ -49,16 +51,6 @@ def healthy(api_url: str, *, timeout: float = 1.0) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive, but not ours to use
-        return True
-    return True
-
-
 def _read_state() -> dict | None:
     try:
         state = json.loads(state_path().read_text())
@@ -70,7 +62,7 @@ def _read_state() -> dict | None:
 def running() -> dict | None:
     """The state (``url``, ``pid``, ``log``, ``started``) of this home's running server, or None."""
     state = _read_state()
-    if state is None or not _alive(state["pid"]) or not healthy(state["url"]):
+    if state is None or not pid_alive(state["pid"]) or not healthy(state["url"]):
         return None
     return state
 
@@ -138,7 +130,7 @@ def _terminate(pid: int, *, grace: float = 10.0) -> None:
                 if os.waitpid(pid, os.WNOHANG)[0]:
                     return
             except ChildProcessError:  # not our child (started by another command): poll instead
-                if not _alive(pid):
+                if not pid_alive(pid):
                     return
             time.sleep(0.1)
 
@@ -147,7 +139,7 @@ def stop() -> dict | None:
     """Stop this home's background server; return its state, or None when none was running."""
     state = _read_state()
     state_path().unlink(missing_ok=True)
-    if state is None or not _alive(state["pid"]):
+    if state is None or not pid_alive(state["pid"]):
         return None
     _terminate(state["pid"])
     return state

@@ -77,7 +77,7 @@ def dvc(args: list[str], *, cwd: Path, project: Path, check: bool = True, captur
     return proc
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether ``pid`` is a running process (a zombie, killed but not yet reaped, is not)."""
     try:
         os.kill(pid, 0)
@@ -108,7 +108,7 @@ def clear_stale_dvc_locks(ws: Path) -> list[int]:
         entries = lock.get(mode, {})
         for out, info in list(entries.items()):
             infos = info if isinstance(info, list) else [info]
-            live = [i for i in infos if _alive(int(i.get("pid", 0)))]
+            live = [i for i in infos if pid_alive(int(i.get("pid", 0)))]
             dead |= {int(i.get("pid", 0)) for i in infos if i not in live}
             if not live:
                 del entries[out]
