@@ -28,6 +28,7 @@ METHODS: dict[str, list[str]] = {
     "random": ["select.strategy=random"],
     "semiprune": ["select.strategy=aum_cutoff", "select.score=ins_aum"],  # in-sample, as published
     "unseen": ["select.strategy=aum_cutoff", "select.score=oos_aum"],  # the same rule, out-of-sample
+    "unseen_ccs": ["select.strategy=ccs", "select.score=oos_aum"],  # coverage-centric on out-of-sample AUM
     "unseen_dual": ["select.strategy=dual_beta", "select.score=oos_dual"],
     "unseen_multistep": ["select.strategy=unseen_multistep", "select.score=oos_aum"],
     "prototypicality": ["select.strategy=prototypicality"],
