@@ -40,12 +40,12 @@ SEED = 0
 VARIANTS = {"standard": {}, "longtail": {"long_tail": {"imbalance": 0.1}}}
 
 
-def seconds_per_epoch(make_objective, model, batch_size: int, device: str, *, steps: int = 200) -> float:
+def seconds_per_epoch(make_objective, model, batch_size: int, device: str, precision: str, *, steps: int = 200) -> float:
     """Seconds per epoch of a short real run (at least ``steps`` steps) on a throwaway copy of the model."""
     objective = make_objective()
     epochs = math.ceil(steps / objective.steps_per_epoch(batch_size))
     probe = fit(copy.deepcopy(model), objective, Schedule(epochs=epochs, batch_size=batch_size, lr=1e-3),
-                seed=SEED + 1, device=device, desc="timing")
+                seed=SEED + 1, device=device, precision=precision, desc="timing")
     return probe.train_seconds / epochs
 
 
@@ -67,12 +67,13 @@ def run(args, variant: str, algorithm: str) -> dict:
     if args.epochs:
         epochs, max_seconds = args.epochs, None
     else:
-        per_epoch = seconds_per_epoch(objective, model, args.batch_size, args.device)
+        per_epoch = seconds_per_epoch(objective, model, args.batch_size, args.device, args.precision)
         epochs, max_seconds = max(1, int(args.budget_seconds / per_epoch)), args.budget_seconds * 1.15
         logging.info("%s/%s: %.2f s per epoch estimated -> %d epochs", variant, algorithm, per_epoch, epochs)
     schedule = Schedule(epochs=epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=5e-4,
                         ema_decay=0.999, max_seconds=max_seconds)
-    result = fit(model, objective(), schedule, seed=SEED, device=args.device, desc=f"{variant}/{algorithm}")
+    result = fit(model, objective(), schedule, seed=SEED, device=args.device, precision=args.precision,
+                 desc=f"{variant}/{algorithm}")
     final = result.final_model
     probs = predict(final, pool.images[unl], output="probs").numpy()
     cols = pseudo_labels(probs, human_labels=np.full(int(unl.sum()), -1))
@@ -84,6 +85,7 @@ def run(args, variant: str, algorithm: str) -> dict:
         "unlabeled": int(unl.sum()),
         "epochs": result.epochs_completed,
         "train_seconds": round(result.train_seconds, 1),
+        "precision": args.precision,
         "stopped_early": result.stopped_early,
         "sample_passes": result.sample_passes,
         "pseudo_label_accuracy": report["accuracy"],
@@ -108,6 +110,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lambda-u", type=float, default=2.0)
     parser.add_argument("--epochs", type=int, help="fixed epochs per run instead of sizing to the budget")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
