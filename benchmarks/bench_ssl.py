@@ -85,7 +85,7 @@ def run(args, variant: str, algorithm: str) -> dict:
         "unlabeled": int(unl.sum()),
         "epochs": result.epochs_completed,
         "train_seconds": round(result.train_seconds, 1),
-        "precision": args.precision,
+        "precision": result.precision,  # what "auto" resolved to
         "stopped_early": result.stopped_early,
         "sample_passes": result.sample_passes,
         "pseudo_label_accuracy": report["accuracy"],
