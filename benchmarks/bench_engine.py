@@ -8,14 +8,17 @@
 (b) throughput per model (``--models``), same batch size: the engine (uint8 tensor on the device,
     batched weak view with padding 2, ``--precision``) against a plain loop over a torchvision
     ``DataLoader`` whose ``Dataset`` applies v2 transforms per sample (RandomHorizontalFlip,
-    RandomCrop(28, padding=2), ToDtype, Normalize) with num_workers 0 and 2, each loop once in fp32
+    RandomCrop(28, padding=2), ToDtype, Normalize) with ``--workers`` loader processes (default 0 and 2;
+    pinned memory on a GPU), each loop once in fp32
     and once under the engine's autocast, and over the stock ``torchvision.datasets.FashionMNIST``
     (PIL per sample). Same model in the same memory format (channels_last) in every loop. Each
     model's ratio uses its fastest baseline. Also the input pipelines alone (no model), for reference.
+    ``--compile`` also measures the engine with the model compiled (``fit(compile=True)``): the
+    compile's seconds and the steady rate after it.
 
     python benchmarks/bench_engine.py [--budget-seconds 120] [--models fastcnn_s fastcnn] [--json out.json]
 
-Threads: torch's default (all cores) unless ``--threads`` is given. Timings on a shared machine are
+On a GPU every timing ends with ``torch.cuda.synchronize()``. Threads: torch's default (all cores) unless ``--threads`` is given. Timings on a shared machine are
 noisy; compare ratios measured in one run. ``--widths``, ``--depth`` and ``--stem`` measure other
 fastcnn shapes (accuracy part).
 """
@@ -53,6 +56,11 @@ from semiprune_core.training.engine import precision_name
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 SEED = 0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def load_fashion(root: Path = FASHION) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -144,34 +152,40 @@ class _PerSampleDataset(torch.utils.data.Dataset):
         return self.transform(self.images[i]), self.labels[i]
 
 
-def _stock_fashion_mnist(root: Path):
+def _stock_fashion_mnist(root: Path, source: Path = FASHION):
     """torchvision.datasets.FashionMNIST (PIL images per sample) over the local IDX files."""
     raw = root / "FashionMNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    for gz in FASHION.glob("*-ubyte.gz"):
+    for gz in source.glob("*-ubyte.gz"):
         (raw / gz.stem).write_bytes(gzip.decompress(gz.read_bytes()))
     tv = import_torchvision()
     return tv.datasets.FashionMNIST(str(root), train=True, download=False, transform=_v2_transform(from_pil=True))
 
 
-def _loader(dataset, args, num_workers: int):
+def _loader(dataset, args, num_workers: int, device: torch.device):
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, shuffle=True, num_workers=num_workers, drop_last=True,
-        generator=torch.Generator().manual_seed(SEED),
+        generator=torch.Generator().manual_seed(SEED), pin_memory=device.type == "cuda",
+        persistent_workers=False,
     )
 
 
-def engine_train_rate(args, name, x_train, y_train, device) -> float:
-    """Images/s of :func:`fit` (weak view, padding 2 like the baselines) over ``steps`` steps."""
+def engine_train_rate(args, name, x_train, y_train, device, *, compile: bool = False) -> tuple[float, float]:
+    """Images/s of :func:`fit` (weak view, padding 2 like the baselines) over ``steps`` steps, and the
+    seconds of the warm-up call (which includes the compile when ``compile``). One model instance
+    serves both calls, so a compiled forward is reused."""
     bs, steps = args.batch_size, args.throughput_steps
     schedule = Schedule(epochs=1, batch_size=bs, lr=0.05)
+    model = model_for(args, name)
     n_warm = bs * args.warmup_steps
-    fit(model_for(args, name), SupervisedObjective(x_train[:n_warm], y_train[:n_warm], padding=2), schedule, seed=SEED,
-        device=device, precision=args.precision)
+    t0 = time.perf_counter()
+    fit(model, SupervisedObjective(x_train[:n_warm], y_train[:n_warm], padding=2), schedule, seed=SEED,
+        device=device, precision=args.precision, compile=compile)
+    warm_seconds = time.perf_counter() - t0
     n = min(bs * steps, len(x_train))
-    result = fit(model_for(args, name), SupervisedObjective(x_train[:n], y_train[:n], padding=2), schedule, seed=SEED,
-                 device=device, precision=args.precision)
-    return result.sample_passes / result.train_seconds
+    result = fit(model, SupervisedObjective(x_train[:n], y_train[:n], padding=2), schedule, seed=SEED,
+                 device=device, precision=args.precision, compile=False)  # already compiled in place
+    return result.sample_passes / result.train_seconds, warm_seconds
 
 
 def loader_train_rate(args, name, loader, device, amp: torch.dtype | None) -> float:
@@ -186,13 +200,16 @@ def loader_train_rate(args, name, loader, device, amp: torch.dtype | None) -> fl
             t0 = time.perf_counter()
         if i == args.warmup_steps + args.throughput_steps:
             break
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         done += len(x) if t0 is not None else 0
+        if i + 1 == args.warmup_steps:
+            _sync(device)  # the clock starts on an idle device
+    _sync(device)
     return done / (time.perf_counter() - t0)
 
 
@@ -200,9 +217,11 @@ def engine_data_rate(args, x_train, y_train, device) -> float:
     """Images/s of the engine's input pipeline alone: slice, weak view, to_float (no model)."""
     objective = SupervisedObjective(x_train, y_train, view="weak", padding=2).to(device)
     batches = objective.batches(0, args.batch_size, torch.Generator(device=device).manual_seed(SEED))
+    _sync(device)
     t0, n = time.perf_counter(), 0
     for i, batch in zip(range(args.throughput_steps), batches):
         n += len(to_float(batch.images))
+    _sync(device)
     return n / (time.perf_counter() - t0)
 
 
@@ -221,25 +240,34 @@ def bench_throughput(args, x_train, y_train, device) -> dict:
     precisions = {"fp32": None, **({precision_name(amp): amp} if amp is not None else {})}
     models = {}
     with tempfile.TemporaryDirectory() as tmp:
-        stock = _stock_fashion_mnist(Path(tmp))
+        stock = _stock_fashion_mnist(Path(tmp), args.data)
         for name in args.models:
-            train = {f"engine_{precision_name(amp)}": engine_train_rate(args, name, x_train, y_train, device)}
+            engine_key = f"engine_{precision_name(amp)}"
+            rate, _ = engine_train_rate(args, name, x_train, y_train, device)
+            train = {engine_key: rate}
             for pname, pdtype in precisions.items():
-                for workers in (0, 2):
+                for workers in args.workers:
                     train[f"dataloader_tensor_w{workers}_{pname}"] = loader_train_rate(
-                        args, name, _loader(tensor_ds, args, workers), device, pdtype)
-                train[f"dataloader_torchvision_pil_w0_{pname}"] = loader_train_rate(args, name, _loader(stock, args, 0), device, pdtype)
-            engine_key = next(iter(train))
+                        args, name, _loader(tensor_ds, args, workers, device), device, pdtype)
+                train[f"dataloader_torchvision_pil_w{args.workers[-1]}_{pname}"] = loader_train_rate(
+                    args, name, _loader(stock, args, args.workers[-1], device), device, pdtype)
             baselines = {k: v for k, v in train.items() if k != engine_key}
             best = max(baselines, key=baselines.get)
             models[name] = {"model": describe_model(model_for(args, name), name), "train_img_per_s": train,
                             "best_baseline": best, "ratio": train[engine_key] / baselines[best]}
+            if args.compile:
+                rate, seconds = engine_train_rate(args, name, x_train, y_train, device, compile=True)
+                models[name]["compiled"] = {"train_img_per_s": rate, "warmup_seconds_with_compile": seconds,
+                                            "speedup": rate / train[engine_key]}
             print(f"  {name}: engine {train[engine_key]:,.0f} img/s, best baseline {best} {baselines[best]:,.0f} img/s: "
-                  f"{models[name]['ratio']:.2f}x", flush=True)
+                  f"{models[name]['ratio']:.2f}x"
+                  + (f"; compiled {models[name]['compiled']['train_img_per_s']:,.0f} img/s "
+                     f"({models[name]['compiled']['speedup']:.2f}x, {models[name]['compiled']['warmup_seconds_with_compile']:.1f} s to "
+                     f"compile and warm up)" if args.compile else ""), flush=True)
         data = {
             "engine": engine_data_rate(args, x_train, y_train, device),
-            "dataloader_tensor_w0": loader_data_rate(args, _loader(tensor_ds, args, 0)),
-            "dataloader_torchvision_pil_w0": loader_data_rate(args, _loader(stock, args, 0)),
+            "dataloader_tensor_w0": loader_data_rate(args, _loader(tensor_ds, args, 0, device)),
+            "dataloader_torchvision_pil_w0": loader_data_rate(args, _loader(stock, args, 0, device)),
         }
     return {
         "batch_size": args.batch_size, "steps": args.throughput_steps, "warmup_steps": args.warmup_steps,
@@ -269,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     p.add_argument("--device", default="auto")
+    p.add_argument("--data", type=Path, default=FASHION, help="folder of the four Fashion-MNIST IDX files")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2],
+                   help="DataLoader processes of the baselines (the stock PIL loader uses the last)")
+    p.add_argument("--compile", action="store_true", help="also measure the engine with the model compiled")
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--json", type=Path, help="also write the report here")
@@ -279,9 +311,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     t0 = time.perf_counter()
-    x_train, y_train, x_test, y_test = load_fashion()
+    x_train, y_train, x_test, y_test = load_fashion(args.data)
     report: dict = {
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device)},
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+                    **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {})},
         "load_seconds": time.perf_counter() - t0,
     }
 

@@ -29,6 +29,7 @@ class Base(Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="forward passes in bf16 where the hardware has it (CUDA, AMX/AVX512-BF16 CPUs), else fp32")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
+    compile: bool = Field(False, description="torch.compile each trained model (pays on a GPU, not on CPU)")
 
 
 class Synthetic(Section):

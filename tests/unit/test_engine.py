@@ -113,6 +113,22 @@ def test_bf16_training_learns_like_fp32_and_says_which_it_ran(data):
     torch.testing.assert_close(logits, predict(runs["bf16"].model, x_test, precision="fp32"), atol=0.15, rtol=0.05)
 
 
+def test_a_compiled_model_trains_like_the_eager_one_and_checkpoints_the_same_keys(data, tmp_path):
+    x, y = data
+    objective = lambda: SupervisedObjective(x, y, view="weak", padding=1)  # noqa: E731
+    eager = fit(mlp(), objective(), SCHEDULE, seed=0, device="cpu", precision="fp32")
+    compiled = fit(mlp(), objective(), SCHEDULE, seed=0, device="cpu", precision="fp32", compile=True,
+                   checkpoint_dir=tmp_path, run_key="k", keep_checkpoint=True)
+    assert weights(compiled.model).keys() == weights(eager.model).keys()  # no "_orig_mod." prefix
+    for a, b in zip(eager.history, compiled.history):  # fused kernels may round differently, nothing more
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3, abs=1e-4)
+    x_test = blobs(300, seed=1)[0]
+    assert (predict(compiled.model, x_test).argmax(1) == predict(eager.model, x_test).argmax(1)).float().mean() > 0.99
+    again = fit(mlp(), objective(), SCHEDULE, seed=0, device="cpu", precision="fp32", checkpoint_dir=tmp_path,
+                run_key="k")  # an eager run resumes the compiled run's checkpoint
+    assert again.resumed and again.start_epoch == SCHEDULE.epochs
+
+
 def test_stop_after_trains_exactly_the_first_epochs_of_the_full_schedule(data):
     x, y = data
     at_epoch_2 = {}
