@@ -37,7 +37,7 @@ step() {
 
 step machine 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; nproc; \
   $PYTHON -c 'import torch; print(\"torch\", torch.__version__, torch.cuda.get_device_name(0), \"bf16\", torch.cuda.is_bf16_supported())'"
-step gpu_tests 240 "$PYTHON" -m pytest tests/gpu -rs -q -p no:cacheprovider
+step gpu_tests 180 "$PYTHON" -m pytest tests/gpu -rs -q -p no:cacheprovider
 
 # The pipeline in a fresh clone, so the checkout's own runs and cache are untouched.
 PIPE=$(mktemp -d)/project
@@ -55,9 +55,9 @@ tar -czf "$OUT_DIR/pipeline_metrics.tgz" metrics dvc.lock 2>>"$LOG"
 fi
 cd "$ROOT" || exit 1
 
-step engine 200 "$PYTHON" benchmarks/bench_engine.py --device cuda --workers 0 8 --throughput-steps 150 \
+step engine 200 "$PYTHON" benchmarks/bench_engine.py --device cuda --workers 8 \
   --json "$OUT_DIR/engine_cuda.json"
-step engine_compiled 150 "$PYTHON" benchmarks/bench_engine.py --device cuda --workers 8 --throughput-steps 150 \
+step engine_compiled 150 "$PYTHON" benchmarks/bench_engine.py --device cuda --workers 8 \
   --skip-accuracy --models fastcnn_s fastcnn --compile --json "$OUT_DIR/engine_cuda_compiled.json"
 
 if [ -n "$PIPE" ]; then
