@@ -10,6 +10,8 @@
 # Run from the project root of a git checkout, with semiprune's dependencies importable by
 # $PYTHON (default python3) and Fashion-MNIST where the source stage finds it. Writes
 # gpu_check.log (every step's output and seconds), engine_cuda.json and pipeline_metrics.tgz.
+# GPU_CHECK_SKIP="engine ..." skips steps by name; GPU_CHECK_COMPILE_MODE picks the torch.compile mode
+# that engine_compiled measures (default, reduce-overhead, max-autotune-no-cudagraphs).
 set -u
 PYTHON=${PYTHON:-python3}
 OUT_DIR=${1:-${OUT:-reports/gpu_check}}
@@ -24,6 +26,7 @@ export PREFECT_HOME=${PREFECT_HOME:-/tmp/semiprune-gpu-prefect} PREFECT_SERVER_A
 # step NAME LIMIT_SECONDS COMMAND...: run it with the smaller of its limit and what the deadline leaves
 step() {
   local name=$1 limit=$2; shift 2
+  if [[ " ${GPU_CHECK_SKIP:-} " == *" $name "* ]]; then echo "== $name: skipped (GPU_CHECK_SKIP)" | tee -a "$LOG"; return 0; fi
   local left=$(( DEADLINE - $(date +%s) ))
   (( left < limit )) && limit=$left
   if (( limit < 10 )); then echo "== $name: skipped (deadline)" | tee -a "$LOG"; return 0; fi
@@ -58,10 +61,12 @@ cd "$ROOT" || exit 1
 step engine 200 "$PYTHON" benchmarks/bench_engine.py --device cuda --workers 8 \
   --json "$OUT_DIR/engine_cuda.json"
 step engine_compiled 150 "$PYTHON" benchmarks/bench_engine.py --device cuda --workers 8 \
-  --skip-accuracy --models fastcnn_s fastcnn --compile --json "$OUT_DIR/engine_cuda_compiled.json"
+  --skip-accuracy --models fastcnn_s fastcnn --compile "${GPU_CHECK_COMPILE_MODE:-default}" \
+  --json "$OUT_DIR/engine_cuda_compiled.json"
 
 if [ -n "$PIPE" ]; then
   cd "$PIPE" || exit 1
+  grep -n "compile" params.yaml >>"$LOG"
   step main_job_compiled 300 "$PYTHON" -m flows.cli run --set base.compile=true --name compiled
   tar -czf "$OUT_DIR/pipeline_metrics_compiled.tgz" runs/compiled/metrics 2>>"$LOG"
   "$PYTHON" -m flows.cli server stop >>"$LOG" 2>&1

@@ -491,7 +491,7 @@ def fit(
     run_key: str | None = None,
     keep_checkpoint: bool = False,
     channels_last: bool | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
     progress: bool | None = None,
     desc: str = "train",
 ) -> FitResult:
@@ -512,7 +512,8 @@ def fit(
     run_key         a hash of the caller's config (data, model, objective options); required with
                     ``checkpoint_dir``
     channels_last   default: on for models with convolutions
-    compile         compile the model's forward in place with ``torch.compile`` (state-dict keys and
+    compile         compile the model's forward in place with ``torch.compile`` (a string: its mode,
+                    e.g. "reduce-overhead" for CUDA graphs; state-dict keys and
                     checkpoints unchanged; the EMA copy stays eager). Pays on a GPU, where small models
                     are bound by kernel launches; costs more than it gains on CPU (see README)
     progress        tqdm bar on stderr; default: only when stderr is a terminal. One INFO log line per
@@ -543,7 +544,7 @@ def fit(
         ema_model = copy.deepcopy(model).eval()
         ema_model.requires_grad_(False)
     if compile:
-        model.compile()
+        model.compile(mode=None if compile is True else compile)
 
     history: list[dict[str, float]] = []
     start_epoch, sample_passes, train_seconds, resumed = 0, 0, 0.0, False
