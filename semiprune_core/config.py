@@ -23,13 +23,25 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
 class Base(Section):
     seed: int = Field(0, ge=0, description="master seed; every random choice derives from it")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="forward passes in bf16 where the hardware has it (CUDA, AMX/AVX512-BF16 CPUs), else fp32")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
-    compile: bool = Field(False, description="torch.compile each trained model (pays on a GPU, not on CPU)")
+    compile: bool | str = Field(
+        False, description="torch.compile each trained model in this mode (true = default); reduce-overhead "
+                           "(CUDA graphs) pays on a GPU for long runs, nothing pays on CPU")
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_mode(cls, value: Any) -> Any:
+        if isinstance(value, bool) or value in COMPILE_MODES:
+            return value
+        raise ValueError(f"must be false, true or one of {', '.join(COMPILE_MODES)}")
 
 
 class Synthetic(Section):

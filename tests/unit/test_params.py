@@ -77,6 +77,14 @@ def test_a_cutoff_is_a_share_below_1_or_auto(cutoff):
     assert validate({"select": {"cutoff": "auto", "ratio": 0.9}})["select"].cutoff_value == pytest.approx(0.7)
 
 
+@pytest.mark.parametrize("mode", ["fast", "off", 1, None, ["default"]])
+def test_compile_is_a_bool_or_a_torch_compile_mode(mode):
+    with pytest.raises(ConfigError, match=r"base\.compile: must be false, true or one of default, reduce-overhead"):
+        validate({"base": {"compile": mode}})
+    for ok in (False, True, "reduce-overhead", "max-autotune"):
+        assert validate({"base": {"compile": ok}})["base"].compile == ok
+
+
 def test_overrides_parse_yaml_values_and_never_touch_the_input():
     raw = {"data": {"labeled": {"per_class": 100}}}
     out = apply_overrides(raw, ["data.labeled.per_class=5", "base.seed=7", "data.root=null"])
