@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 from semiprune_core.config import StageParams, load_stage_params
 from semiprune_core.errors import SemiPruneError
 from semiprune_core.io import sha256_file
+from semiprune_core.allocator import keep_freed_memory
 
 SCRATCH = Path(".semiprune") / "scratch"
 
@@ -89,6 +90,7 @@ def run_stage(name: str, body: Callable[[StageContext], None]) -> int:
     """Run ``body`` as stage ``name`` with the shared contract; return the process exit code."""
     configure_logging()
     log = logging.getLogger(f"semiprune.{name}")
+    keep_freed_memory()  # every training step re-allocates its buffers: keep them (1.3x faster on CPU)
     try:
         params = load_stage_params(name)
         threads = params["base"].threads if "base" in params else 0
