@@ -2,18 +2,19 @@
 # The GPU checks in one pass, for a short lease of a CUDA machine: what the card is, the GPU-only
 # tests, the default main job on Fashion-MNIST on the GPU (then a ratio-only change and its revert),
 # the engine's throughput per model with and without torch.compile, and the main job with every
-# model compiled. Each step has its own time limit inside one overall deadline, in order of
+# model compiled (the pipeline parts through benchmarks/bench_pipeline.sh). Each step has its own time limit inside one overall deadline, in order of
 # importance, so a short lease still returns the first ones.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      (default $OUT, else reports/gpu_check)
 #
 # Run from the project root of a git checkout, with semiprune's dependencies importable by
 # $PYTHON (default python3) and Fashion-MNIST where the source stage finds it. Writes
-# gpu_check.log (every step's output and seconds), engine_cuda.json and pipeline_metrics.tgz.
+# gpu_check.log (every step's output and seconds), engine_cuda.json, engine_cuda_compiled.json and
+# pipeline.tgz (bench_pipeline's logs, timings and metrics).
 # GPU_CHECK_SKIP="engine ..." skips steps by name; GPU_CHECK_COMPILE_MODE picks the torch.compile mode
-# that engine_compiled measures (default, reduce-overhead, max-autotune-no-cudagraphs).
+# that engine_compiled and pipeline_compiled use (default reduce-overhead: CUDA graphs).
 set -u
-PYTHON=${PYTHON:-python3}
+export PYTHON=${PYTHON:-python3}
 OUT_DIR=${1:-${OUT:-reports/gpu_check}}
 DEADLINE=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-560} ))
 mkdir -p "$OUT_DIR"
@@ -42,33 +43,15 @@ step machine 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version
   $PYTHON -c 'import torch; print(\"torch\", torch.__version__, torch.cuda.get_device_name(0), \"bf16\", torch.cuda.is_bf16_supported())'"
 step gpu_tests 180 "$PYTHON" -m pytest tests/gpu -rs -q -p no:cacheprovider
 
-# The pipeline in a fresh clone, so the checkout's own runs and cache are untouched.
-PIPE=$(mktemp -d)/project
-git clone -q "$ROOT" "$PIPE" 2>>"$LOG" || { echo "== pipeline: skipped (git clone of $ROOT failed)" | tee -a "$LOG"; PIPE=; }
-if [ -n "$PIPE" ]; then
-cd "$PIPE" || exit 1
-step server 60 "$PYTHON" -m flows.cli server start
-step main_job 300 "$PYTHON" -m flows.cli run
-sed -i 's/^  ratio: 0.5 /  ratio: 0.7 /' params.yaml
-step ratio_only 60 "$PYTHON" -m flows.cli run
-git checkout -q params.yaml
-step ratio_reverted 60 "$PYTHON" -m flows.cli run
-step dvc_repro_reverted 30 "$PYTHON" -m dvc repro
-tar -czf "$OUT_DIR/pipeline_metrics.tgz" metrics dvc.lock 2>>"$LOG"
-fi
-cd "$ROOT" || exit 1
-
+SCRATCH=$(mktemp -d)
+step pipeline 420 bash benchmarks/bench_pipeline.sh --out "$SCRATCH/pipeline"
 step engine 200 "$PYTHON" benchmarks/bench_engine.py --device cuda --workers 8 \
   --json "$OUT_DIR/engine_cuda.json"
 step engine_compiled 150 "$PYTHON" benchmarks/bench_engine.py --device cuda --workers 8 \
-  --skip-accuracy --models fastcnn_s fastcnn --compile "${GPU_CHECK_COMPILE_MODE:-default}" \
+  --skip-accuracy --models fastcnn_s fastcnn --compile "${GPU_CHECK_COMPILE_MODE:-reduce-overhead}" \
   --json "$OUT_DIR/engine_cuda_compiled.json"
 
-if [ -n "$PIPE" ]; then
-  cd "$PIPE" || exit 1
-  grep -n "compile" params.yaml >>"$LOG"
-  step main_job_compiled 300 "$PYTHON" -m flows.cli run --set base.compile=true --name compiled
-  tar -czf "$OUT_DIR/pipeline_metrics_compiled.tgz" runs/compiled/metrics 2>>"$LOG"
-  "$PYTHON" -m flows.cli server stop >>"$LOG" 2>&1
-fi
+step pipeline_compiled 300 bash benchmarks/bench_pipeline.sh --out "$SCRATCH/pipeline_compiled" --main-only \
+  --set "base.compile=${GPU_CHECK_COMPILE_MODE:-reduce-overhead}"
+tar -czf "$OUT_DIR/pipeline.tgz" -C "$SCRATCH" . 2>>"$LOG"
 echo "== done" | tee -a "$LOG"
