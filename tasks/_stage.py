@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from semiprune_core.allocator import keep_freed_memory
 from semiprune_core.config import StageParams, load_stage_params
 from semiprune_core.errors import SemiPruneError
 from semiprune_core.io import sha256_file
-from semiprune_core.allocator import keep_freed_memory
 
 SCRATCH = Path(".semiprune") / "scratch"
 

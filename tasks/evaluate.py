@@ -54,7 +54,8 @@ def evaluate_stage(ctx: StageContext) -> None:
     schedule = Schedule(epochs=e.epochs, batch_size=e.batch_size, lr=e.lr, momentum=e.momentum,
                         nesterov=e.momentum > 0, weight_decay=e.weight_decay, warmup=e.warmup)
     objective = SupervisedObjective(data.images[train[rows]], labels[rows], view=e.view, label_smoothing=e.label_smoothing)
-    result = fit(model, objective, schedule, seed=seed, device=base.device, precision=base.precision, compile=base.compile, checkpoint_dir=ctx.scratch,
+    result = fit(model, objective, schedule, seed=seed, device=base.device, precision=base.precision,
+                 compile=base.compile, checkpoint_dir=ctx.scratch,
                  run_key=ctx.run_key(SELECTION, PSEUDO_LABELS, extra=source), desc="evaluate")
 
     out = {

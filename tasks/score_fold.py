@@ -46,8 +46,8 @@ def score_fold(ctx: StageContext, k: int) -> None:
                                 precision=base.precision)
     objective = SupervisedObjective(images[fit_rows], targets[fit_rows], ids=fit_rows, view=px.view,
                                     label_smoothing=px.label_smoothing)
-    result = fit(model, objective, schedule, seed=stream_seed(base.seed, "proxy", k), device=base.device, precision=base.precision, compile=base.compile,
-                 hooks=[recorder], checkpoint_dir=ctx.scratch, run_key=run_key, keep_checkpoint=True,
+    result = fit(model, objective, schedule, seed=stream_seed(base.seed, "proxy", k), device=base.device, precision=base.precision,
+                 compile=base.compile, hooks=[recorder], checkpoint_dir=ctx.scratch, run_key=run_key, keep_checkpoint=True,
                  desc=f"score@{k}")
     out = dynamics_path(k)
     recorder.write_parquet(out, data.sample_ids[train], fold=folds,

@@ -74,7 +74,8 @@ def _step_scorer(ctx: StageContext, sample_ids: np.ndarray, targets: np.ndarray,
                                     run_key=ctx.run_key(extra=["multistep", step, hashlib.sha256(coreset.tobytes()).hexdigest()]))
         objective = SupervisedObjective(images[coreset], targets[coreset], ids=np.arange(n_fit), view=px.view,
                                         label_smoothing=px.label_smoothing)
-        result = fit(model, objective, schedule, seed=seed, device=base.device, precision=base.precision, compile=base.compile, hooks=[recorder],
+        result = fit(model, objective, schedule, seed=seed, device=base.device, precision=base.precision,
+                     compile=base.compile, hooks=[recorder],
                      desc=f"select step {step}")
         traj = recorder.trajectories(held)
         recorder.cleanup()

@@ -59,8 +59,8 @@ def ssl_train(ctx: StageContext) -> None:
                         nesterov=s.momentum > 0, weight_decay=s.weight_decay, warmup=s.warmup,
                         ema_decay=s.ema_decay, max_seconds=s.max_seconds)
     run_key = ctx.run_key(PREPARE_DIR / "manifest.parquet")
-    result = fit(model, objective, schedule, seed=base.seed, device=base.device, precision=base.precision, compile=base.compile, checkpoint_dir=ctx.scratch,
-                 run_key=run_key, desc=f"ssl_train[{s.algorithm}]")
+    result = fit(model, objective, schedule, seed=base.seed, device=base.device, precision=base.precision,
+                 compile=base.compile, checkpoint_dir=ctx.scratch, run_key=run_key, desc=f"ssl_train[{s.algorithm}]")
     final = result.final_model
 
     test = data.split == "test"

@@ -512,10 +512,10 @@ def fit(
     run_key         a hash of the caller's config (data, model, objective options); required with
                     ``checkpoint_dir``
     channels_last   default: on for models with convolutions
-    compile         compile the model's forward in place with ``torch.compile`` (a string: its mode,
-                    e.g. "reduce-overhead" for CUDA graphs; state-dict keys and
-                    checkpoints unchanged; the EMA copy stays eager). Pays on a GPU, where small models
-                    are bound by kernel launches; costs more than it gains on CPU (see README)
+    compile         compile the model's forward in place with ``torch.compile``: True, or a mode such as
+                    "reduce-overhead" (CUDA graphs). State-dict keys and checkpoints are unchanged; the
+                    EMA copy stays eager. Only reduce-overhead on a GPU has paid for these small models
+                    (see README)
     progress        tqdm bar on stderr; default: only when stderr is a terminal. One INFO log line per
                     epoch is written either way.
     """
