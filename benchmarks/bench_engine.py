@@ -18,7 +18,8 @@
 
     python benchmarks/bench_engine.py [--budget-seconds 120] [--models fastcnn_s fastcnn] [--json out.json]
 
-On a GPU every timing ends with ``torch.cuda.synchronize()``. Threads: torch's default (all cores) unless ``--threads`` is given. Timings on a shared machine are
+The process keeps freed memory as the stage processes do (:mod:`semiprune_core.allocator`). On a GPU
+every timing ends with ``torch.cuda.synchronize()``. Threads: torch's default (all cores) unless ``--threads`` is given. Timings on a shared machine are
 noisy; compare ratios measured in one run. ``--widths``, ``--depth`` and ``--stem`` measure other
 fastcnn shapes (accuracy part).
 """
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from semiprune_core.allocator import keep_freed_memory
 from semiprune_core.compat import import_torchvision
 from semiprune_core.data.idx import read_idx
 from semiprune_core.models import create_model
@@ -308,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    kept = keep_freed_memory()  # as every stage process does; the loaders' workers inherit it
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -315,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     x_train, y_train, x_test, y_test = load_fashion(args.data)
     report: dict = {
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+                    "keeps_freed_memory": kept,
                     **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {})},
         "load_seconds": time.perf_counter() - t0,
     }
