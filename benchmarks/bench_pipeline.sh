@@ -49,6 +49,8 @@ timed() {  # timed STEP COMMAND...: run it, log its output, record its exit code
 ratio() { sed -i "s/^  ratio: [0-9.]* /  ratio: $1 /" "$WORK/params.yaml"; }
 
 "$PYTHON" -m flows.cli server start >>"$LOG" 2>&1
+trap '"$PYTHON" -m flows.cli server stop >>"$LOG" 2>&1' EXIT  # the server is a daemon: stop it however this ends
+trap 'exit 143' TERM INT
 timed main_job "${RUN[@]}"
 cp -r "$WS/metrics" "$OUT_DIR/" 2>>"$LOG"
 if (( ! MAIN_ONLY )); then
@@ -62,5 +64,4 @@ if (( ! MAIN_ONLY )); then
     ratio 0.5; timed revert_dvc_repro "$PYTHON" -m dvc repro -q
   fi
 fi
-"$PYTHON" -m flows.cli server stop >>"$LOG" 2>&1
 echo "bench_pipeline: $TSV"

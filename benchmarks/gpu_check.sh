@@ -33,8 +33,15 @@ step() {
   if (( limit < 10 )); then echo "== $name: skipped (deadline)" | tee -a "$LOG"; return 0; fi
   echo "== $name (limit ${limit}s): $*" | tee -a "$LOG"
   local t0=$(date +%s%N)
-  timeout "$limit" "$@" >>"$LOG" 2>&1
+  # its own session, killed whole at the limit (timeout(1) and DVC start process groups of their
+  # own inside it): nothing of a step outlives it to load the GPU under the next step's measurement
+  setsid "$@" >>"$LOG" 2>&1 &
+  local pid=$!
+  ( sleep "$limit"; pkill -TERM -s "$pid"; sleep 10; pkill -KILL -s "$pid" ) 2>/dev/null &
+  local watchdog=$!
+  wait "$pid"
   local rc=$? ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+  kill "$watchdog" 2>/dev/null
   printf '== %s: exit %d after %d.%03d s\n' "$name" "$rc" $(( ms / 1000 )) $(( ms % 1000 )) | tee -a "$LOG"
   return 0
 }
