@@ -8,10 +8,9 @@
 (b) throughput per model (``--models``), same batch size: the engine (uint8 tensor on the device,
     batched weak view with padding 2, ``--precision``) against a plain loop over a torchvision
     ``DataLoader`` whose ``Dataset`` applies v2 transforms per sample (RandomHorizontalFlip,
-    RandomCrop(28, padding=2), ToDtype, Normalize) with ``--workers`` loader processes (default 0 and 2;
-    pinned memory on a GPU), each loop once in fp32
-    and once under the engine's autocast, and over the stock ``torchvision.datasets.FashionMNIST``
-    (PIL per sample). Same model in the same memory format (channels_last) in every loop. Each
+    RandomCrop(28, padding=2), ToDtype, Normalize) with ``--workers`` loader processes (default 0 and
+    2; pinned memory on a GPU), each loop once in fp32 and once under the engine's autocast, and over
+    the stock ``torchvision.datasets.FashionMNIST`` (PIL per sample, the last ``--workers`` value). Same model in the same memory format (channels_last) in every loop. Each
     model's ratio uses its fastest baseline. Also the input pipelines alone (no model), for reference.
     ``--compile`` also measures the engine with the model compiled (``fit(compile=True)``): the
     compile's seconds and the steady rate after it.
@@ -19,8 +18,8 @@
     python benchmarks/bench_engine.py [--budget-seconds 120] [--models fastcnn_s fastcnn] [--json out.json]
 
 The process keeps freed memory as the stage processes do (:mod:`semiprune_core.allocator`). On a GPU
-every timing ends with ``torch.cuda.synchronize()``. Threads: torch's default (all cores) unless ``--threads`` is given. Timings on a shared machine are
-noisy; compare ratios measured in one run. ``--widths``, ``--depth`` and ``--stem`` measure other
+every timing ends with ``torch.cuda.synchronize()``. Threads: torch's default (all cores) unless
+``--threads`` is given. Timings on a shared machine are noisy; compare ratios measured in one run. ``--widths``, ``--depth`` and ``--stem`` measure other
 fastcnn shapes (accuracy part).
 """
 
@@ -257,15 +256,15 @@ def bench_throughput(args, x_train, y_train, device) -> dict:
             best = max(baselines, key=baselines.get)
             models[name] = {"model": describe_model(model_for(args, name), name), "train_img_per_s": train,
                             "best_baseline": best, "ratio": train[engine_key] / baselines[best]}
+            line = (f"  {name}: engine {train[engine_key]:,.0f} img/s, best baseline {best} {baselines[best]:,.0f} img/s: "
+                    f"{models[name]['ratio']:.2f}x")
             if args.compile:
                 rate, seconds = engine_train_rate(args, name, x_train, y_train, device, compile=args.compile)
-                models[name]["compiled"] = {"mode": "default" if args.compile is True else args.compile,"train_img_per_s": rate, "warmup_seconds_with_compile": seconds,
+                models[name]["compiled"] = {"mode": "default" if args.compile is True else args.compile,
+                                            "train_img_per_s": rate, "warmup_seconds_with_compile": seconds,
                                             "speedup": rate / train[engine_key]}
-            print(f"  {name}: engine {train[engine_key]:,.0f} img/s, best baseline {best} {baselines[best]:,.0f} img/s: "
-                  f"{models[name]['ratio']:.2f}x"
-                  + (f"; compiled {models[name]['compiled']['train_img_per_s']:,.0f} img/s "
-                     f"({models[name]['compiled']['speedup']:.2f}x, {models[name]['compiled']['warmup_seconds_with_compile']:.1f} s to "
-                     f"compile and warm up)" if args.compile else ""), flush=True)
+                line += f"; compiled {rate:,.0f} img/s ({rate / train[engine_key]:.2f}x, {seconds:.1f} s to compile and warm up)"
+            print(line, flush=True)
         data = {
             "engine": engine_data_rate(args, x_train, y_train, device),
             "dataloader_tensor_w0": loader_data_rate(args, _loader(tensor_ds, args, 0, device)),

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks in one pass, for a short lease of a CUDA machine: what the card is, the GPU-only
-# tests, the default main job on Fashion-MNIST on the GPU (then a ratio-only change and its revert),
-# the engine's throughput per model with and without torch.compile, and the main job with every
-# model compiled (the pipeline parts through benchmarks/bench_pipeline.sh). Each step has its own time limit inside one overall deadline, in order of
-# importance, so a short lease still returns the first ones.
+# tests, benchmarks/bench_pipeline.sh on the GPU (the default main job on Fashion-MNIST, ratio-only
+# changes and reverts), the engine's throughput per model with and without torch.compile, and the
+# main job with every model compiled. Each step has its own time limit inside one overall deadline,
+# in order of importance, so a short lease still returns the first ones.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]      (default $OUT, else reports/gpu_check)
 #
