@@ -7,9 +7,12 @@ restores it from the run-cache, or finds it up to date. Stages that do not depen
 ``workers`` stages that run a model (``meta: {gpu: true}``) run at once; the light stages that run
 none (``audit`` after ``select``, say) go beside them instead of waiting for a slot.
 
-Starting a DVC process per stage costs about a second, so the flow first runs the stages that
-always run (``source``), then asks ``dvc status`` once: a stage that is neither stale nor
-downstream of a stale one is reported unchanged without a process.
+Starting a DVC process per stage costs about a second, so the flow first makes one pass over
+the stages in a single DVC process (``flows/reuse.py``): it runs the stages that always run and no
+model (``source``), and keeps every stage whose inputs did not change and restores every one whose
+run is in the run-cache, in graph order. Only the stages that pass leaves (those that must train,
+and what is downstream of them) start a ``dvc repro`` of their own; a ratio-only change that was
+run before needs none.
 
 A stage that fails is retried with back-off, unless it refused its input (exit code 2) or ran out
 of time: a retry would fail the same way. A failed stage fails the flow; the stages after it do not
@@ -36,7 +39,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 from .publish import publish_run
-from .stages import StageRun, run_stage, stage_graph, stale_downstream, stale_stages, upstream_closure
+from .stages import StageRun, reuse_cached, run_stage, stage_graph, upstream_closure
 from .workspace import dvc_env, run_lock
 
 
@@ -84,17 +87,17 @@ def visible_gpus() -> list[str]:
 
 @task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_condition_fn=_retry_transient,
       cache_policy=None, persist_result=False)
-def stage_task(workspace: str, project: str, name: str, timeout: float | None = None, *, check: bool = True,
+def stage_task(workspace: str, project: str, name: str, timeout: float | None = None, *, done: dict | None = None,
                force: bool = False, pull: bool = False, device: str | None = None, slots: str | None = None) -> dict:
     """Run one stage through DVC; its output goes line by line to the task's log.
 
-    ``check=False``: ``dvc status`` found the stage and its upstream up to date, so no process runs.
+    ``done``: what the cache pass did with the stage ({outcome, seconds}), so no process runs.
     ``device``: the GPU this stage gets to itself for as long as it runs.
     ``slots``: the flow run's model-stage semaphore (a key of ``_MODEL_SLOTS``), held while it runs.
     """
     record = {"name": name, "device": device, "worker": f"{socket.gethostname()}:{os.getpid()}"}
-    if not check and not force:
-        return {**record, "outcome": "unchanged", "returncode": 0, "seconds": 0.0}
+    if done is not None:
+        return {**record, "outcome": done["outcome"], "returncode": 0, "seconds": done["seconds"]}
     log = get_run_logger()
     env = dvc_env(Path(project))
     guard = contextlib.nullcontext()
@@ -110,6 +113,14 @@ def stage_task(workspace: str, project: str, name: str, timeout: float | None = 
         raise StageFailed(result)
     log.info("stage %s %s in %.1f s", name, result.outcome, result.seconds)
     return {**record, **{k: v for k, v in asdict(result).items() if k not in ("tail", "name")}}
+
+
+@task(task_run_name="cache pass", cache_policy=None, persist_result=False)
+def cache_pass(workspace: str, project: str, names: list[str], timeout: float | None = None) -> dict[str, dict]:
+    """The stages one DVC process could run (the always-run ones), keep or restore: {name: {outcome, seconds}}.
+    No retries: whatever it leaves, the stage tasks do."""
+    return reuse_cached(Path(workspace), names, env=dvc_env(Path(project)), timeout=timeout,
+                        on_line=get_run_logger().info)
 
 
 @flow(name="semiprune-curation", log_prints=True)
@@ -150,31 +161,17 @@ def _curate(ws: Path, proj: str, stage_timeout, stages, force: bool, gpus, pull:
             for device in gpus:
                 client.upsert_global_concurrency_limit_by_name(gpu_slot(device), limit=1)
 
+    # --force runs every stage; otherwise one process takes what DVC already has (see the module doc)
+    done = {} if force else cache_pass(str(ws), proj, [s.name for s in graph], stage_timeout)
     futures, gpu_stages = {}, 0
-
-    def submit(stage, check: bool):
-        nonlocal gpu_stages
+    for stage in graph:
         device = None
-        if stage.gpu and gpus:
+        if stage.gpu and gpus and stage.name not in done:
             device, gpu_stages = gpus[gpu_stages % len(gpus)], gpu_stages + 1
         futures[stage.name] = stage_task.with_options(task_run_name=stage.name).submit(
-            str(ws), proj, stage.name, stage_timeout, check=check, force=force, pull=pull, device=device,
-            slots=slots if stage.gpu else None, wait_for=[futures[u] for u in stage.upstream if u in futures])
-
-    first = [s for s in graph if s.always_changed and not s.upstream]
-    for stage in first:
-        submit(stage, True)
-    for stage in first:
-        futures[stage.name].wait()
-    if all(futures[s.name].state.is_completed() for s in first):
-        # the stages just run are current now; `dvc status` still lists them as "always changed"
-        fresh = set(stale_stages(ws, env=dvc_env(Path(proj)))) - {s.name for s in first}
-        stale = stale_downstream(graph, fresh)
-    else:
-        stale = {s.name for s in graph}  # the rest will not run anyway
-    for stage in graph:
-        if stage.name not in futures:
-            submit(stage, stage.name in stale)
+            str(ws), proj, stage.name, stage_timeout, done=done.get(stage.name), force=force, pull=pull,
+            device=device, slots=slots if stage.gpu else None,
+            wait_for=[futures[u] for u in stage.upstream if u in futures])
 
     records, failed = [], None
     for stage in graph:

@@ -48,8 +48,9 @@ def stage_graph(workspace: Path) -> list[Stage]:
     """The stages of ``workspace``'s dvc.yaml in an order where every stage follows its upstream.
 
     DVC builds the graph (about a second: it imports itself and indexes the repository); the result
-    is kept in ``.semiprune/stage_graph.json`` under a digest of dvc.yaml and params.yaml (the only
-    inputs of its foreach items), so a run whose pipeline did not change reads it back instead.
+    is kept in ``.semiprune/stage_graph.json`` under a digest of dvc.yaml and the params it
+    interpolates (the inputs of its foreach items), so a run whose pipeline did not change reads it
+    back instead.
     """
     if not (workspace / ".dvc").is_dir():  # not a parent's repository either: this folder must be one
         raise ConfigError(f"{workspace} is not a DVC repository", "run from the project root (or `dvc init` there)")
@@ -70,18 +71,31 @@ def stage_graph(workspace: Path) -> list[Stage]:
 
 
 def _graph_key(workspace: Path) -> str | None:
-    """A digest of what the graph is made of; None when dvc.yaml reads other files (``vars``)."""
+    """A digest of what the graph is made of: dvc.yaml and the params it interpolates (``${cv.folds}``
+    makes the folds), so changing any other param (the pruning ratio) keeps the graph. None when
+    dvc.yaml reads other files (``vars``) or params.yaml cannot be read."""
     import hashlib
+    import re
     from importlib.metadata import version
+
+    import yaml
 
     try:
         dvc_yaml = (workspace / "dvc.yaml").read_bytes()
-        params = (workspace / "params.yaml").read_bytes() if (workspace / "params.yaml").exists() else b""
-    except OSError:
+        text = (workspace / "params.yaml").read_text() if (workspace / "params.yaml").exists() else ""
+        params = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
-    if b"vars:" in dvc_yaml:
+    if b"vars:" in dvc_yaml or not isinstance(params, dict):
         return None
-    return hashlib.sha256(b"\0".join([version("dvc").encode(), dvc_yaml, params])).hexdigest()
+    used = {}
+    for ref in sorted(set(re.findall(r"\$\{\s*([^}\s]+)\s*\}", dvc_yaml.decode(errors="replace")))):
+        value = params
+        for part in ref.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        used[ref] = value
+    return hashlib.sha256(b"\0".join([version("dvc").encode(), dvc_yaml,
+                                       json.dumps(used, sort_keys=True, default=str).encode()])).hexdigest()
 
 
 def _dvc_stage_graph(workspace: Path) -> list[Stage]:
@@ -197,6 +211,58 @@ def run_stage(workspace: Path, name: str, *, env: dict[str, str] | None = None, 
     """
     cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", name] + (["--force"] if force else []) + (["--pull"] if pull else [])
     started = time.monotonic()
+    reported = "unknown"
+
+    def watch(line: str) -> None:
+        nonlocal reported
+        if reported == "unknown":
+            reported = outcome_of(name, [line])
+        on_line(line)
+
+    rc, tail, timed_out = _stream(cmd, workspace, env=env, timeout=timeout, on_line=watch, keep=keep)
+    if timed_out:
+        outcome = "timed out"
+    elif rc != 0:
+        outcome = "failed"
+    else:
+        outcome = reported
+    if outcome in ("failed", "timed out"):
+        subprocess.run([sys.executable, "-m", "dvc", "--wait-for-lock", "checkout", "--quiet", name], cwd=workspace,
+                       env=env, capture_output=True)  # fails harmlessly when the stage never succeeded
+    return StageRun(name, outcome, rc, round(time.monotonic() - started, 2), tail)
+
+
+def reuse_cached(workspace: Path, names: list[str], *, env: dict[str, str] | None = None, timeout: float | None = None,
+                 on_line: Callable[[str], None] = lambda line: None) -> dict[str, dict]:
+    """Run the always-run stages of ``names`` and keep or restore from the run-cache every stage that
+    needs no training, all in one DVC process (``flows/reuse.py``): {stage: {outcome, seconds}}.
+
+    The stages missing from the answer are left to their own ``run_stage``: those with no cached
+    run, those downstream of them, and any that failed here. If the pass itself fails, the answer
+    is empty and every stage goes the per-stage way, which is slower but decides the same.
+    """
+    from .reuse import MARK
+
+    answer: list[dict] = []
+
+    def watch(line: str) -> None:
+        if line.startswith(MARK):
+            answer.extend(json.loads(line.removeprefix(MARK)))
+        else:
+            on_line(line)
+
+    rc, tail, timed_out = _stream([sys.executable, "-m", "flows.reuse", *names], workspace, env=env, timeout=timeout,
+                                  on_line=watch)
+    if rc != 0 or timed_out:
+        on_line(f"the cache pass {'timed out' if timed_out else f'exited with {rc}'}: every stage goes through its own task")
+        return {}
+    return {r["name"]: {"outcome": r["outcome"], "seconds": r["seconds"]} for r in answer}
+
+
+def _stream(cmd: list[str], workspace: Path, *, env: dict[str, str] | None, timeout: float | None,
+            on_line: Callable[[str], None], keep: int = 40) -> tuple[int, tuple[str, ...], bool]:
+    """Run ``cmd`` in ``workspace``, each output line to ``on_line``: (exit code, last ``keep`` lines,
+    whether it was killed past ``timeout`` seconds with its whole process tree)."""
     proc = subprocess.Popen(cmd, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1)
     # same process group as the caller: killing a run (its group) kills its stages too
@@ -216,26 +282,13 @@ def run_stage(workspace: Path, name: str, *, env: dict[str, str] | None = None, 
     if timer:
         timer.start()
     tail: deque[str] = deque(maxlen=keep)
-    reported = "unknown"
     try:
         for raw in proc.stdout:
             line = raw.rstrip("\n")
             tail.append(line)
-            if reported == "unknown":
-                reported = outcome_of(name, [line])
             on_line(line)
         rc = proc.wait()
     finally:
         if timer:
             timer.cancel()
-    if timed_out.is_set():
-        outcome = "timed out"
-    elif rc != 0:
-        outcome = "failed"
-    else:
-        outcome = reported
-    if outcome in ("failed", "timed out"):
-        subprocess.run([sys.executable, "-m", "dvc", "--wait-for-lock", "checkout", "--quiet", name], cwd=workspace,
-                       env=env, capture_output=True)  # fails harmlessly when the stage never succeeded
-    return StageRun(name, outcome, rc, round(time.monotonic() - started, 2), tuple(tail))
-
+    return rc, tuple(tail), timed_out.is_set()

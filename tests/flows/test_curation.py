@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,3 +90,64 @@ def test_a_stage_past_its_timeout_is_killed_and_not_retried(prefect_harness, tmp
         run_curation(repo, workers=2, stage_timeout=5)
     assert runs(repo, "join") == 1  # once: a stage that ran out of time would do so again
     assert (repo / "f0.txt").exists() and not (repo / "j.txt").exists()
+
+
+RATIO_PIPELINE = """
+stages:
+  source:
+    cmd: python count.py source && python -c "open('s.txt', 'w').write('s')"
+    outs:
+      - s.txt:
+          cache: false
+    always_changed: true
+  train:
+    meta: {gpu: true}
+    cmd: python count.py train && python -c "open('t.txt', 'w').write(open('s.txt').read())"
+    deps:
+      - s.txt
+    outs:
+      - t.txt
+  select:
+    cmd: python count.py select && python -c "import yaml; open('k.txt', 'w').write(str(yaml.safe_load(open('params.yaml'))['ratio']))"
+    deps:
+      - t.txt
+    params:
+      - ratio
+    outs:
+      - k.txt
+  evaluate:
+    meta: {gpu: true}
+    cmd: python count.py evaluate && python -c "open('e.txt', 'w').write(open('k.txt').read() + '!')"
+    deps:
+      - k.txt
+    outs:
+      - e.txt
+"""
+
+
+def test_a_reverted_param_is_restored_by_the_cache_pass_without_a_dvc_process_per_stage(prefect_harness, tmp_path,
+                                                                                         monkeypatch):
+    import flows.curation as curation
+
+    repo = dvc_repo(tmp_path / "p", RATIO_PIPELINE, {"count.py": COUNT})
+    for ratio in ("0.5", "0.7"):
+        (repo / "params.yaml").write_text(f"ratio: {ratio}\n")
+        run_curation(repo, workers=1)
+    per_stage = []
+    real = curation.run_stage
+    monkeypatch.setattr(curation, "run_stage", lambda ws, name, **kw: per_stage.append(name) or real(ws, name, **kw))
+
+    (repo / "params.yaml").write_text("ratio: 0.5\n")
+    records = {r["name"]: r["outcome"] for r in run_curation(repo, workers=1)}
+    assert records == {"source": "ran", "train": "unchanged", "select": "restored", "evaluate": "restored"}
+    assert per_stage == []  # all of it in the one cache-pass process
+    assert (repo / "e.txt").read_text() == "0.5!"
+    assert [runs(repo, n) for n in ("source", "train", "select", "evaluate")] == [3, 1, 2, 2]  # only source re-ran
+
+    (repo / "params.yaml").write_text("ratio: 0.9\n")  # never run: the pass leaves select and what follows
+    records = {r["name"]: r["outcome"] for r in run_curation(repo, workers=1)}
+    assert records == {"source": "ran", "train": "unchanged", "select": "ran", "evaluate": "ran"}
+    assert per_stage == ["select", "evaluate"] and (repo / "e.txt").read_text() == "0.9!"
+    assert [runs(repo, n) for n in ("source", "train", "select", "evaluate")] == [4, 1, 3, 3]  # each once
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo, capture_output=True, text=True)
+    assert json.loads(status.stdout) == {"source": ["always changed"]}  # dvc.lock records what is on disk

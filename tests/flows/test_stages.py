@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.stages import outcome_of, run_stage, stage_graph
+from flows.stages import outcome_of, reuse_cached, run_stage, stage_graph
 from semiprune_core.errors import ConfigError
 
 from .conftest import dvc_env, dvc_repo
@@ -64,7 +64,7 @@ def test_the_graph_comes_from_dvc_with_every_stage_after_its_upstream(repo):
         assert all(names.index(u) < names.index(s.name) for u in s.upstream)
 
 
-def test_the_graph_is_read_back_until_dvc_yaml_or_params_change(repo, monkeypatch):
+def test_the_graph_is_read_back_until_dvc_yaml_or_the_params_it_uses_change(repo, monkeypatch):
     from flows import stages as stages_module
 
     first = stage_graph(repo)
@@ -72,10 +72,16 @@ def test_the_graph_is_read_back_until_dvc_yaml_or_params_change(repo, monkeypatc
     real = stages_module._dvc_stage_graph
     monkeypatch.setattr(stages_module, "_dvc_stage_graph", lambda ws: calls.append(ws) or real(ws))
     assert stage_graph(repo) == first and calls == []  # from .semiprune/stage_graph.json, no DVC
-    (repo / "params.yaml").write_text("unused: 1\n")
-    assert stage_graph(repo) == first and len(calls) == 1  # params can change foreach items: asked DVC again
+    (repo / "params.yaml").write_text("folds: [0, 1]\nratio: 0.5\n")
+    assert stage_graph(repo) == first and calls == []  # no param is interpolated: the graph stands
+    (repo / "dvc.yaml").write_text((repo / "dvc.yaml").read_text().replace("foreach: [0, 1]", "foreach: ${folds}"))
+    assert stage_graph(repo) == first and len(calls) == 1  # dvc.yaml changed: asked DVC again
+    (repo / "params.yaml").write_text("folds: [0, 1]\nratio: 0.7\n")
+    assert stage_graph(repo) == first and len(calls) == 1  # a param dvc.yaml does not use
+    (repo / "params.yaml").write_text("folds: [0, 1, 2]\nratio: 0.7\n")
+    assert "b@2" in [s.name for s in stage_graph(repo)] and len(calls) == 2  # the foreach items changed
     (repo / "dvc.yaml").write_text((repo / "dvc.yaml").read_text().replace("  slow:", "  slower:"))
-    assert "slower" in [s.name for s in stage_graph(repo)] and len(calls) == 2
+    assert "slower" in [s.name for s in stage_graph(repo)] and len(calls) == 3
 
 
 def test_a_folder_without_dvc_is_a_clear_error(tmp_path):
@@ -106,6 +112,16 @@ def test_a_stage_that_refuses_its_input_fails_as_bad_input_with_its_error_in_the
 def test_a_stage_past_its_timeout_is_killed(repo):
     result = run_stage(repo, "slow", env=env(), timeout=4)
     assert result.outcome == "timed out" and result.seconds < 30 and not result.bad_input
+
+
+def test_the_cache_pass_keeps_what_is_current_leaves_what_must_run_and_answers_nothing_when_it_fails(repo):
+    assert run_stage(repo, "a", env=env()).outcome == "ran"
+    answer = reuse_cached(repo, ["a", "b@0", "b@1", "c"], env=env())
+    assert answer == {"a": {"outcome": "unchanged", "seconds": answer["a"]["seconds"]}}  # b@0 has never run
+    assert not (repo / "b0.txt").exists()  # the pass never runs a command of a stage that is not always-run
+    lines = []
+    assert reuse_cached(repo, ["no-such-stage"], env=env(), on_line=lines.append) == {}
+    assert "every stage goes through its own task" in lines[-1]
 
 
 def test_outcome_of_reads_dvc_messages():
