@@ -80,15 +80,24 @@ def _workers(args, params: dict) -> int:
 
 
 def _curate(args, project: Path, ws: Path, stages: list[str] | None = None) -> list[dict]:
-    from .curation import StageFailed, run_curation
+    from .stages import pass_names, start_cache_pass
 
-    try:
-        return run_curation(ws, project=project, workers=_workers(args, yaml.safe_load((ws / "params.yaml").read_text())), stage_timeout=args.stage_timeout,
-                            stages=stages, force=getattr(args, "force", False), gpus=_gpus(args.gpus),
-                            pull=getattr(args, "pull", False), dask_address=args.dask_address,
-                            dask_workers=args.dask_workers, wait=args.wait)
-    except StageFailed as err:
-        raise StageError.of(err) from None
+    force = getattr(args, "force", False)
+    with workspace.run_lock(ws, wait=args.wait):
+        # the cache pass needs no Prefect: started now, it runs while Prefect loads
+        early = None if force else start_cache_pass(ws, pass_names(ws, stages), env=workspace.dvc_env(project))
+        from .curation import StageFailed, run_curation
+
+        try:
+            return run_curation(ws, project=project, workers=_workers(args, yaml.safe_load((ws / "params.yaml").read_text())), stage_timeout=args.stage_timeout,
+                                stages=stages, force=force, gpus=_gpus(args.gpus),
+                                pull=getattr(args, "pull", False), dask_address=args.dask_address,
+                                dask_workers=args.dask_workers, wait=args.wait, early=early)
+        except StageFailed as err:
+            raise StageError.of(err) from None
+        finally:
+            if early is not None and early.returncode is None:  # the flow never read it (it failed to start):
+                early.communicate()  # let it finish before the lock goes, it may be restoring outputs
 
 
 class StageError(Exception):

@@ -12,7 +12,8 @@ the stages in a single DVC process (``flows/reuse.py``): it runs the stages that
 model (``source``), and keeps every stage whose inputs did not change and restores every one whose
 run is in the run-cache, in graph order. Only the stages that pass leaves (those that must train,
 and what is downstream of them) start a ``dvc repro`` of their own; a ratio-only change that was
-run before needs none.
+run before needs none. ``semiprune run`` starts that pass before Prefect has loaded, so the two
+overlap.
 
 A stage that fails is retried with back-off, unless it refused its input (exit code 2) or ran out
 of time: a retry would fail the same way. A failed stage fails the flow; the stages after it do not
@@ -63,6 +64,8 @@ def _retry_transient(task, task_run, state) -> bool:
 
 #: per flow run in this process: a semaphore bounding how many model stages run at once
 _MODEL_SLOTS: dict[str, threading.BoundedSemaphore] = {}
+#: per flow run in this process: its cache pass, started before Prefect loaded (``run_curation(early=...)``)
+_EARLY: dict[str, subprocess.Popen] = {}
 
 
 def _model_slot(key: str | None) -> contextlib.AbstractContextManager:
@@ -116,22 +119,26 @@ def stage_task(workspace: str, project: str, name: str, timeout: float | None = 
 
 
 @task(task_run_name="cache pass", cache_policy=None, persist_result=False)
-def cache_pass(workspace: str, project: str, names: list[str], timeout: float | None = None) -> dict[str, dict]:
+def cache_pass(workspace: str, project: str, names: list[str], timeout: float | None = None,
+               early: str | None = None) -> dict[str, dict]:
     """The stages one DVC process could run (the always-run ones), keep or restore: {name: {outcome, seconds}}.
+    ``early``: the key of that process in ``_EARLY`` when it was started before the flow.
     No retries: whatever it leaves, the stage tasks do."""
     return reuse_cached(Path(workspace), names, env=dvc_env(Path(project)), timeout=timeout,
-                        on_line=get_run_logger().info)
+                        on_line=get_run_logger().info, started=_EARLY.pop(early, None) if early else None)
 
 
 @flow(name="semiprune-curation", log_prints=True)
 def curation(workspace: str, project: str | None = None, stage_timeout: float | None = None,
              stages: list[str] | None = None, force: bool = False, gpus: list[str] | None = None,
-             pull: bool = False, publish_rows: int = 1000, model_workers: int | None = None) -> list[dict]:
+             pull: bool = False, publish_rows: int = 1000, model_workers: int | None = None,
+             early: str | None = None) -> list[dict]:
     """Run the stages of ``workspace`` (a DVC repository; ``stages``: only those and their upstream).
 
     ``pull``: take each stage from the team remote when a run with the same inputs is there.
     ``model_workers``: at most this many stages that run a model at once (None: no bound but the
     task runner's); stages without a model are not counted.
+    ``early``: the key in ``_EARLY`` of this run's cache pass, started before the flow.
 
     Returns one record per stage (outcome, seconds, device, worker) and publishes a summary and a
     table of the pruned samples as Prefect artifacts.
@@ -143,13 +150,13 @@ def curation(workspace: str, project: str | None = None, stage_timeout: float | 
         _MODEL_SLOTS[slots] = threading.BoundedSemaphore(model_workers)
     try:
         with run_lock(ws):  # a no-op under `semiprune run`, which holds it already; guards served runs
-            return _curate(ws, proj, stage_timeout, stages, force, gpus, pull, publish_rows, slots)
+            return _curate(ws, proj, stage_timeout, stages, force, gpus, pull, publish_rows, slots, early)
     finally:
         _MODEL_SLOTS.pop(slots, None)
 
 
 def _curate(ws: Path, proj: str, stage_timeout, stages, force: bool, gpus, pull: bool, publish_rows: int,
-            slots: str | None) -> list[dict]:
+            slots: str | None, early: str | None) -> list[dict]:
     graph = stage_graph(ws)
     if stages:
         graph = upstream_closure(graph, list(stages))
@@ -162,7 +169,7 @@ def _curate(ws: Path, proj: str, stage_timeout, stages, force: bool, gpus, pull:
                 client.upsert_global_concurrency_limit_by_name(gpu_slot(device), limit=1)
 
     # --force runs every stage; otherwise one process takes what DVC already has (see the module doc)
-    done = {} if force else cache_pass(str(ws), proj, [s.name for s in graph], stage_timeout)
+    done = {} if force else cache_pass(str(ws), proj, [s.name for s in graph], stage_timeout, early)
     futures, gpu_stages = {}, 0
     for stage in graph:
         device = None
@@ -213,15 +220,24 @@ def task_runner(dask_address: str | None = None, dask_workers: int | None = None
 def run_curation(workspace: Path, *, project: Path | None = None, workers: int = 2, stage_timeout: float | None = None,
                  stages: list[str] | None = None, force: bool = False, gpus: list[str] | None = None,
                  pull: bool = False, dask_address: str | None = None, dask_workers: int | None = None,
-                 wait: bool = False) -> list[dict]:
+                 wait: bool = False, early: subprocess.Popen | None = None) -> list[dict]:
     """The curation flow with at most ``workers`` model stages at a time (the folds fan out; stages
     that run no model go beside them).
 
     The workspace's run lock is taken before the flow starts, so a busy workspace is one line of
-    error (or, with ``wait``, a queue) rather than a failed flow run.
+    error (or, with ``wait``, a queue) rather than a failed flow run. ``early``: this run's cache
+    pass (``start_cache_pass``), started by a caller that holds the lock already.
     """
     runner = task_runner(dask_address, dask_workers)
-    with run_lock(Path(workspace), wait=wait):
-        return curation.with_options(task_runner=runner)(
-            str(workspace), str(project) if project else None, stage_timeout, stages, force, gpus, pull,
-            model_workers=None if dask_address or dask_workers else workers)  # Dask's workers bound it there
+    key = None
+    if early is not None:
+        key = str(uuid.uuid4())
+        _EARLY[key] = early
+    try:
+        with run_lock(Path(workspace), wait=wait):
+            return curation.with_options(task_runner=runner)(
+                str(workspace), str(project) if project else None, stage_timeout, stages, force, gpus, pull,
+                model_workers=None if dask_address or dask_workers else workers,  # Dask's workers bound it there
+                early=key)
+    finally:
+        _EARLY.pop(key, None)  # still here if the flow never asked for it: its starter waits for it

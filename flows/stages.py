@@ -158,6 +158,12 @@ def upstream_closure(stages: list[Stage], names: list[str]) -> list[Stage]:
     return [s for s in stages if s.name in keep]
 
 
+def pass_names(workspace: Path, stages: list[str] | None = None) -> list[str]:
+    """The stages a run covers, in graph order: all, or ``stages`` and their upstream."""
+    graph = stage_graph(workspace)
+    return [s.name for s in (upstream_closure(graph, list(stages)) if stages else graph)]
+
+
 def stale_stages(workspace: Path, *, env: dict[str, str] | None = None) -> dict[str, list[str]]:
     """The stages ``dvc status`` finds changed, each with why, in words.
 
@@ -219,7 +225,7 @@ def run_stage(workspace: Path, name: str, *, env: dict[str, str] | None = None, 
             reported = outcome_of(name, [line])
         on_line(line)
 
-    rc, tail, timed_out = _stream(cmd, workspace, env=env, timeout=timeout, on_line=watch, keep=keep)
+    rc, tail, timed_out = _stream(_popen(cmd, workspace, env), timeout=timeout, on_line=watch, keep=keep)
     if timed_out:
         outcome = "timed out"
     elif rc != 0:
@@ -232,10 +238,17 @@ def run_stage(workspace: Path, name: str, *, env: dict[str, str] | None = None, 
     return StageRun(name, outcome, rc, round(time.monotonic() - started, 2), tail)
 
 
+def start_cache_pass(workspace: Path, names: list[str], *, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start the cache pass over ``names`` (graph order; ``flows/reuse.py``); ``reuse_cached`` reads
+    its answer. Started early, it runs while Prefect loads (about 1.5 s on two cores)."""
+    return _popen([sys.executable, "-m", "flows.reuse", *names], workspace, env)
+
+
 def reuse_cached(workspace: Path, names: list[str], *, env: dict[str, str] | None = None, timeout: float | None = None,
-                 on_line: Callable[[str], None] = lambda line: None) -> dict[str, dict]:
+                 on_line: Callable[[str], None] = lambda line: None, started: subprocess.Popen | None = None) -> dict[str, dict]:
     """Run the always-run stages of ``names`` and keep or restore from the run-cache every stage that
-    needs no training, all in one DVC process (``flows/reuse.py``): {stage: {outcome, seconds}}.
+    needs no training, all in one DVC process: {stage: {outcome, seconds}}. ``started``: that
+    process, already started by ``start_cache_pass`` with the same names.
 
     The stages missing from the answer are left to their own ``run_stage``: those with no cached
     run, those downstream of them, and any that failed here. If the pass itself fails, the answer
@@ -251,21 +264,24 @@ def reuse_cached(workspace: Path, names: list[str], *, env: dict[str, str] | Non
         else:
             on_line(line)
 
-    rc, tail, timed_out = _stream([sys.executable, "-m", "flows.reuse", *names], workspace, env=env, timeout=timeout,
-                                  on_line=watch)
+    proc = started or start_cache_pass(workspace, names, env=env)
+    rc, tail, timed_out = _stream(proc, timeout=timeout, on_line=watch)
     if rc != 0 or timed_out:
         on_line(f"the cache pass {'timed out' if timed_out else f'exited with {rc}'}: every stage goes through its own task")
         return {}
     return {r["name"]: {"outcome": r["outcome"], "seconds": r["seconds"]} for r in answer}
 
 
-def _stream(cmd: list[str], workspace: Path, *, env: dict[str, str] | None, timeout: float | None,
-            on_line: Callable[[str], None], keep: int = 40) -> tuple[int, tuple[str, ...], bool]:
-    """Run ``cmd`` in ``workspace``, each output line to ``on_line``: (exit code, last ``keep`` lines,
-    whether it was killed past ``timeout`` seconds with its whole process tree)."""
-    proc = subprocess.Popen(cmd, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1)
+def _popen(cmd: list[str], workspace: Path, env: dict[str, str] | None) -> subprocess.Popen:
     # same process group as the caller: killing a run (its group) kills its stages too
+    return subprocess.Popen(cmd, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1)
+
+
+def _stream(proc: subprocess.Popen, *, timeout: float | None, on_line: Callable[[str], None],
+            keep: int = 40) -> tuple[int, tuple[str, ...], bool]:
+    """Each output line of ``proc`` to ``on_line`` until it ends: (exit code, last ``keep`` lines,
+    whether it was killed past ``timeout`` seconds with its whole process tree)."""
     timed_out = threading.Event()
 
     def kill() -> None:  # DVC and the stage command it started

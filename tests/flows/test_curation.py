@@ -11,7 +11,7 @@ import pytest
 
 from flows.curation import StageFailed, run_curation
 
-from .conftest import dvc_repo
+from .conftest import dvc_env, dvc_repo
 
 # count.py NAME: append a line to NAME.runs each time it runs (how many times a stage executed)
 COUNT = "import sys\nopen(sys.argv[1] + '.runs', 'a').write('x\\n')\n"
@@ -125,9 +125,11 @@ stages:
 """
 
 
+@pytest.mark.parametrize("early", [False, True], ids=["pass-in-flow", "pass-started-before-flow"])
 def test_a_reverted_param_is_restored_by_the_cache_pass_without_a_dvc_process_per_stage(prefect_harness, tmp_path,
-                                                                                         monkeypatch):
+                                                                                         monkeypatch, early):
     import flows.curation as curation
+    from flows.stages import pass_names, start_cache_pass
 
     repo = dvc_repo(tmp_path / "p", RATIO_PIPELINE, {"count.py": COUNT})
     for ratio in ("0.5", "0.7"):
@@ -138,8 +140,10 @@ def test_a_reverted_param_is_restored_by_the_cache_pass_without_a_dvc_process_pe
     monkeypatch.setattr(curation, "run_stage", lambda ws, name, **kw: per_stage.append(name) or real(ws, name, **kw))
 
     (repo / "params.yaml").write_text("ratio: 0.5\n")
-    records = {r["name"]: r["outcome"] for r in run_curation(repo, workers=1)}
+    started = start_cache_pass(repo, pass_names(repo), env=dvc_env()) if early else None  # as `semiprune run` does
+    records = {r["name"]: r["outcome"] for r in run_curation(repo, workers=1, early=started)}
     assert records == {"source": "ran", "train": "unchanged", "select": "restored", "evaluate": "restored"}
+    assert curation._EARLY == {} and (started is None or started.returncode == 0)  # the flow read it to its end
     assert per_stage == []  # all of it in the one cache-pass process
     assert (repo / "e.txt").read_text() == "0.5!"
     assert [runs(repo, n) for n in ("source", "train", "select", "evaluate")] == [3, 1, 2, 2]  # only source re-ran
