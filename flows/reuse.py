@@ -33,7 +33,8 @@ class _NeedsRun(Exception):
 
 
 def reuse(workspace: Path, names: list[str]) -> list[dict]:
-    """Run, keep or restore each of ``names`` (graph order) as far as no stage needs training."""
+    """Run, keep or restore each of ``names`` (graph order) as far as no stage needs training.
+    ``workspace`` must be the working directory: DVC resolves the stages' paths against it."""
     import dvc.stage.run as dvc_run
     from dvc.repo import Repo, lock_repo
 
@@ -44,8 +45,8 @@ def reuse(workspace: Path, names: list[str]) -> list[dict]:
     cmd_run = dvc_run.cmd_run
 
     def guarded(stage, *args, **kwargs):
-        if stage.addressing not in may_run:
-            raise _NeedsRun(stage.addressing)
+        if stage.name not in may_run:
+            raise _NeedsRun(stage.name)
         return cmd_run(stage, *args, **kwargs)
 
     dvc_run.cmd_run = guarded  # run_stage looks it up on each call
@@ -54,7 +55,7 @@ def reuse(workspace: Path, names: list[str]) -> list[dict]:
     done: set[str] = set()
     try:
         with lock_repo(repo):
-            stages = {s.addressing: s for s in repo.index.stages}  # dvc.yaml and dvc.lock parsed once
+            stages = {s.name: s for s in repo.index.stages}  # dvc.yaml and dvc.lock parsed once
             changed: list = []
             try:
                 for name in names:

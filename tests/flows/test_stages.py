@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,6 +125,44 @@ def test_the_cache_pass_keeps_what_is_current_leaves_what_must_run_and_answers_n
     lines = []
     assert reuse_cached(repo, ["no-such-stage"], env=env(), on_line=lines.append) == {}
     assert "every stage goes through its own task" in lines[-1]
+
+
+RATIO = """
+stages:
+  keep:
+    cmd: python -c "import yaml; open('k.txt', 'w').write(str(yaml.safe_load(open('params.yaml'))['ratio']))"
+    params:
+      - ratio
+    outs:
+      - k.txt
+"""
+
+
+def test_a_cache_pass_killed_before_it_writes_dvc_lock_is_repaired_by_the_next(tmp_path, monkeypatch):
+    import dvc.dvcfile
+
+    from flows.reuse import reuse
+
+    repo = dvc_repo(tmp_path / "r", RATIO)
+    for ratio in ("0.5", "0.7"):
+        (repo / "params.yaml").write_text(f"ratio: {ratio}\n")
+        assert run_stage(repo, "keep", env=env()).outcome == "ran"
+    (repo / "params.yaml").write_text("ratio: 0.5\n")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.chdir(repo)  # where `python -m flows.reuse` runs
+        patch.setattr(dvc.dvcfile.ProjectFile, "dump_stages", killed)
+        with pytest.raises(KeyboardInterrupt):
+            reuse(repo, ["keep"])
+    assert (repo / "k.txt").read_text() == "0.5"  # restored, but dvc.lock still records the 0.7 run
+    answer = reuse_cached(repo, ["keep"], env=env())
+    assert answer["keep"]["outcome"] == "restored"
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=repo, env=env(),
+                            capture_output=True, text=True)
+    assert json.loads(status.stdout) == {}
 
 
 def test_outcome_of_reads_dvc_messages():
