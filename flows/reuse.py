@@ -3,8 +3,8 @@
 A stage task is a ``dvc repro --single-item`` process of its own, about a second each on two cores
 even when DVC only restores the stage from its run-cache. Setting a ratio back touches four
 processes that way (source, then select, audit and evaluate restored). This pass opens the
-repository once and walks the stages in graph order, doing with DVC's own ``reproduce`` what
-those processes would do:
+repository once and walks the stages in graph order, doing through DVC's own stage objects what
+those processes would do, then writes dvc.lock once:
 
 - a stage that always runs and runs no model (``source``, a stat of the raw files) is run;
 - a stage whose inputs did not change is left as it is (``unchanged``);
