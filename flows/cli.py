@@ -80,12 +80,13 @@ def _workers(args, params: dict) -> int:
 
 
 def _curate(args, project: Path, ws: Path, stages: list[str] | None = None) -> list[dict]:
-    from .stages import pass_names, start_cache_pass
+    from .stages import run_stages, start_cache_pass
 
     force = getattr(args, "force", False)
     with workspace.run_lock(ws, wait=args.wait):
         # the cache pass needs no Prefect: started now, it runs while Prefect loads
-        early = None if force else start_cache_pass(ws, pass_names(ws, stages), env=workspace.dvc_env(project))
+        early = None if force else start_cache_pass(ws, [s.name for s in run_stages(ws, stages)],
+                                                    env=workspace.dvc_env(project))
         from .curation import StageFailed, run_curation
 
         try:

@@ -40,7 +40,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 from .publish import publish_run
-from .stages import StageRun, reuse_cached, run_stage, stage_graph, upstream_closure
+from .stages import StageRun, reuse_cached, run_stage, run_stages
 from .workspace import dvc_env, run_lock
 
 
@@ -157,9 +157,7 @@ def curation(workspace: str, project: str | None = None, stage_timeout: float | 
 
 def _curate(ws: Path, proj: str, stage_timeout, stages, force: bool, gpus, pull: bool, publish_rows: int,
             slots: str | None, early: str | None) -> list[dict]:
-    graph = stage_graph(ws)
-    if stages:
-        graph = upstream_closure(graph, list(stages))
+    graph = run_stages(ws, stages)
     gpus = visible_gpus() if gpus is None else list(gpus)
     if gpus:
         from prefect.client.orchestration import get_client

@@ -158,10 +158,10 @@ def upstream_closure(stages: list[Stage], names: list[str]) -> list[Stage]:
     return [s for s in stages if s.name in keep]
 
 
-def pass_names(workspace: Path, stages: list[str] | None = None) -> list[str]:
+def run_stages(workspace: Path, stages: list[str] | None = None) -> list[Stage]:
     """The stages a run covers, in graph order: all, or ``stages`` and their upstream."""
     graph = stage_graph(workspace)
-    return [s.name for s in (upstream_closure(graph, list(stages)) if stages else graph)]
+    return upstream_closure(graph, list(stages)) if stages else graph
 
 
 def stale_stages(workspace: Path, *, env: dict[str, str] | None = None) -> dict[str, list[str]]:

@@ -129,7 +129,7 @@ stages:
 def test_a_reverted_param_is_restored_by_the_cache_pass_without_a_dvc_process_per_stage(prefect_harness, tmp_path,
                                                                                          monkeypatch, early):
     import flows.curation as curation
-    from flows.stages import pass_names, start_cache_pass
+    from flows.stages import run_stages, start_cache_pass
 
     repo = dvc_repo(tmp_path / "p", RATIO_PIPELINE, {"count.py": COUNT})
     for ratio in ("0.5", "0.7"):
@@ -140,7 +140,7 @@ def test_a_reverted_param_is_restored_by_the_cache_pass_without_a_dvc_process_pe
     monkeypatch.setattr(curation, "run_stage", lambda ws, name, **kw: per_stage.append(name) or real(ws, name, **kw))
 
     (repo / "params.yaml").write_text("ratio: 0.5\n")
-    started = start_cache_pass(repo, pass_names(repo), env=dvc_env()) if early else None  # as `semiprune run` does
+    started = start_cache_pass(repo, [s.name for s in run_stages(repo)], env=dvc_env()) if early else None  # as `semiprune run` does
     records = {r["name"]: r["outcome"] for r in run_curation(repo, workers=1, early=started)}
     assert records == {"source": "ran", "train": "unchanged", "select": "restored", "evaluate": "restored"}
     assert curation._EARLY == {} and (started is None or started.returncode == 0)  # the flow read it to its end
