@@ -49,6 +49,7 @@ from ..errors import ConfigError
 from ..io import atomic_path, halt_point
 from ..seeding import stream_seed
 from .augment import VIEWS, apply_view
+from .sgd import SGD
 
 logger = logging.getLogger(__name__)
 
@@ -533,12 +534,8 @@ def fit(
     steps_per_epoch = objective.steps_per_epoch(schedule.batch_size)
     total_steps = schedule.epochs * steps_per_epoch
 
-    optimizer = torch.optim.SGD(
-        _param_groups(model, schedule.weight_decay),
-        lr=schedule.lr,
-        momentum=schedule.momentum,
-        nesterov=schedule.nesterov,
-    )
+    optimizer = SGD(_param_groups(model, schedule.weight_decay), lr=schedule.lr, momentum=schedule.momentum,
+                    nesterov=schedule.nesterov)
     ema_model = None
     if schedule.ema_decay is not None:
         ema_model = copy.deepcopy(model).eval()

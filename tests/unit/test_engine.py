@@ -226,6 +226,48 @@ def test_resume_after_an_exception_matches_an_uninterrupted_run(data, tmp_path):
     assert not (tmp_path / CHECKPOINT_NAME).exists()  # deleted after success
 
 
+@pytest.mark.parametrize("momentum,nesterov", [(0.9, True), (0.9, False), (0.0, False)])
+def test_engine_sgd_steps_exactly_like_torch_optim_sgd_and_shares_its_state_layout(momentum, nesterov):
+    torch.manual_seed(0)
+    ours_model, theirs_model = cnn(), cnn()
+    groups = lambda m: engine._param_groups(m, 5e-4)  # noqa: E731
+    ours = engine.SGD(groups(ours_model), lr=0.1, momentum=momentum, nesterov=nesterov)
+    theirs = torch.optim.SGD(groups(theirs_model), lr=0.1, momentum=momentum, nesterov=nesterov)
+    x = torch.randn(8, 1, SIZE, SIZE)
+    for step in range(5):
+        for model, opt in ((ours_model, ours), (theirs_model, theirs)):
+            for group in opt.param_groups:
+                group["lr"] = 0.1 / (1 + step)
+            opt.zero_grad(set_to_none=True)
+            model(x).square().mean().backward()
+            opt.step()
+    assert_same_weights(ours_model, theirs_model)
+    # checkpoints written with torch.optim.SGD's state resume into the engine's, and back
+    resumed = engine.SGD(groups(cnn()), lr=0.1, momentum=momentum, nesterov=nesterov)
+    resumed.load_state_dict(theirs.state_dict())
+    theirs.load_state_dict(ours.state_dict())
+    for a, b in zip(resumed.state_dict()["state"].values(), theirs.state_dict()["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    with pytest.raises(ValueError, match="different number"):
+        resumed.load_state_dict(engine.SGD([{"params": list(mlp().parameters())}], lr=0.1).state_dict())
+
+
+def test_training_does_not_load_torch_compiler_in_a_fresh_process():
+    """torch.optim's optimisers import torch._dynamo on first use: 0.8 s of every stage's start."""
+    code = textwrap.dedent("""
+        import sys, torch
+        from semiprune_core.models import create_model
+        from semiprune_core.training import Schedule, SupervisedObjective, fit, predict
+        x = torch.randint(0, 255, (64, 1, 16, 16), dtype=torch.uint8); y = torch.randint(0, 3, (64,))
+        model = create_model("fastcnn", in_channels=1, num_classes=3, image_size=16, widths=(8, 16, 32), seed=0)
+        result = fit(model, SupervisedObjective(x, y), Schedule(epochs=1, batch_size=32, ema_decay=0.9), seed=0, device="cpu")
+        predict(result.final_model, x)
+        print(sorted(m for m in sys.modules if m.startswith("torch._dynamo")))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 class CountingObjective(SupervisedObjective):
     """An objective with state across steps (like FlexMatch's learning status): a per-sample visit count."""
 
