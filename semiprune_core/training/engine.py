@@ -733,7 +733,9 @@ def predict(
     output  "logits" -> (N, K), "probs" -> (N, K) softmax, "features" -> (N, F) from ``model.features``
     device  where to run (default: the model's device; the model is moved there)
     precision  "auto" | "fp32" | "bf16" (see :func:`resolve_precision`); outputs are float32 either way
-    Returns a float32 CPU tensor.
+    Returns a float32 CPU tensor. A model with convolutions is put in channels_last, as :func:`fit`
+    does: one loaded from a file is not, and ran 4-5x slower on a CPU (``fastcnn``: 12,000 vs
+    54,000 img/s on 2 cores).
     """
     if output not in ("logits", "probs", "features"):
         raise ValueError(f"output must be 'logits', 'probs' or 'features', got {output!r}")
@@ -741,6 +743,8 @@ def predict(
     device = _model_device(model) if device is None else resolve_device(device)
     amp = resolve_precision(precision, device)
     model.to(device)
+    if _has_conv(model):
+        model.to(memory_format=torch.channels_last)
     was_training = model.training
     model.eval()
     forward = model.features if output == "features" else model

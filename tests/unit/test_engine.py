@@ -425,6 +425,18 @@ def test_epoch_hook_gets_the_ema_model_when_ema_is_on(data):
     assert seen == [result.ema_model]
 
 
+def test_a_model_loaded_from_its_state_dict_predicts_in_the_fast_layout_with_the_same_outputs(data):
+    x, y = data
+    trained = fit(cnn(), SupervisedObjective(x, y), SCHEDULE, seed=0, device="cpu").model
+    loaded = cnn(seed=1)
+    loaded.load_state_dict(trained.state_dict())  # what a stage reading model.pt has: contiguous weights
+    convs = [m.weight for m in loaded.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert not all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    for output in ("logits", "features"):
+        assert torch.equal(predict(loaded, x, output=output), predict(trained, x, output=output))
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+
+
 def test_predict_is_deterministic_in_eval_mode_and_restores_the_mode(data):
     x, y = data
     model = fit(cnn(), SupervisedObjective(x, y), SCHEDULE, seed=0, device="cpu").model
