@@ -190,8 +190,9 @@ def engine_train_rate(args, name, x_train, y_train, device, *, compile: bool | s
 
 
 def loader_train_rate(args, name, loader, device, amp: torch.dtype | None) -> float:
-    """Images/s of a plain training loop over ``loader`` (same model, optimiser and memory layout),
-    its forward under autocast ``amp`` (None = fp32)."""
+    """Images/s of a plain training loop over ``loader`` (same model and memory layout; the optimiser
+    is the plain loop's ``torch.optim.SGD``, whose arithmetic the engine's SGD repeats), its forward
+    under autocast ``amp`` (None = fp32)."""
     model = model_for(args, name).to(device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     model.train()
