@@ -593,7 +593,7 @@ def fit(
                     group["lr"] = lr
                 with _autocast(device, amp):
                     out = objective.loss(model, batch)
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad()
                 out.loss.backward()
                 optimizer.step()
                 if ema_model is not None:

@@ -29,13 +29,11 @@ class SGD:
                               "params": list(group["params"])} for group in param_groups]
         self._buffers: list[list[Tensor | None]] = [[None] * len(g["params"]) for g in self.param_groups]
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
+    def zero_grad(self) -> None:
+        """Drop the gradients (``set_to_none``, the only way the engine clears them)."""
         for group in self.param_groups:
             for p in group["params"]:
-                if set_to_none:
-                    p.grad = None
-                elif p.grad is not None:
-                    p.grad.zero_()
+                p.grad = None
 
     @torch.no_grad()
     def step(self) -> None:

@@ -238,7 +238,7 @@ def test_engine_sgd_steps_exactly_like_torch_optim_sgd_and_shares_its_state_layo
         for model, opt in ((ours_model, ours), (theirs_model, theirs)):
             for group in opt.param_groups:
                 group["lr"] = 0.1 / (1 + step)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()  # torch's default: set_to_none
             model(x).square().mean().backward()
             opt.step()
     assert_same_weights(ours_model, theirs_model)
