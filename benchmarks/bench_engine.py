@@ -10,8 +10,9 @@
     ``DataLoader`` whose ``Dataset`` applies v2 transforms per sample (RandomHorizontalFlip,
     RandomCrop(28, padding=2), ToDtype, Normalize) with ``--workers`` loader processes (default 0 and
     2; pinned memory on a GPU), each loop once in fp32 and once under the engine's autocast, and over
-    the stock ``torchvision.datasets.FashionMNIST`` (PIL per sample, the last ``--workers`` value). Same model in the same memory format (channels_last) in every loop. Each
-    model's ratio uses its fastest baseline. Also the input pipelines alone (no model), for reference.
+    the stock ``torchvision.datasets.FashionMNIST`` (PIL per sample, the last ``--workers`` value).
+    Same model in the same memory format (channels_last) in every loop. Each model's ratio uses its
+    fastest baseline. Also the input pipelines alone (no model), for reference.
     ``--compile`` also measures the engine with the model compiled (``fit(compile=True)``): the
     compile's seconds and the steady rate after it.
 
@@ -19,8 +20,8 @@
 
 The process keeps freed memory as the stage processes do (:mod:`semiprune_core.allocator`). On a GPU
 every timing ends with ``torch.cuda.synchronize()``. Threads: torch's default (all cores) unless
-``--threads`` is given. Timings on a shared machine are noisy; compare ratios measured in one run. ``--widths``, ``--depth`` and ``--stem`` measure other
-fastcnn shapes (accuracy part).
+``--threads`` is given. Timings on a shared machine are noisy; compare ratios measured in one run.
+``--widths``, ``--depth`` and ``--stem`` measure other fastcnn shapes (accuracy part).
 """
 
 from __future__ import annotations

@@ -265,7 +265,7 @@ def reuse_cached(workspace: Path, names: list[str], *, env: dict[str, str] | Non
             on_line(line)
 
     proc = started or start_cache_pass(workspace, names, env=env)
-    rc, tail, timed_out = _stream(proc, timeout=timeout, on_line=watch)
+    rc, _, timed_out = _stream(proc, timeout=timeout, on_line=watch)
     if rc != 0 or timed_out:
         on_line(f"the cache pass {'timed out' if timed_out else f'exited with {rc}'}: every stage goes through its own task")
         return {}
