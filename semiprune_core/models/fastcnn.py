@@ -11,16 +11,39 @@ from __future__ import annotations
 
 import itertools
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import Classifier
 from .registry import register_model
 
 
+class MaxPool2(nn.MaxPool2d):
+    """``nn.MaxPool2d(2)`` whose inference runs without the argmax indices.
+
+    Without autograd the 2x2 maximum is taken as two element-wise maxima over strided views: the
+    same values bit for bit, but no int64 index tensor to write. On 2 CPU cores in bf16 channels_last
+    that made the first pool of ``fastcnn`` 2.3x faster and its whole inference 1.2x (held-out
+    scoring, pseudo-labels, test accuracy). Training keeps torch's kernel, whose backward needs the
+    indices (a hand-written backward over the views measured 3-5x slower).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            return F.max_pool2d(x, 2)
+        h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2  # floor mode: an odd last row/column is dropped
+        rows = torch.maximum(x[..., 0:h:2, :w], x[..., 1:h:2, :w])
+        return torch.maximum(rows[..., 0::2], rows[..., 1::2])
+
+
 def _stage(c_in: int, c_out: int, *, pool: bool, depth: int) -> list[nn.Module]:
     layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)]
     if pool:
-        layers.append(nn.MaxPool2d(2))
+        layers.append(MaxPool2())
     layers += [nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
     for _ in range(depth - 1):
         layers += [nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]

@@ -90,3 +90,27 @@ def test_seeded_init_is_reproducible_and_leaves_global_rng_alone():
     for (name, pa), pb, pc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
         assert torch.equal(pa, pb), name
     assert not torch.equal(a.head.weight, c.head.weight)
+
+
+@pytest.mark.parametrize("size", [(28, 28), (7, 7), (14, 9)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_fastcnn_inference_pool_gives_torchs_max_pool_bit_for_bit(size, dtype, layout):
+    from semiprune_core.models.fastcnn import MaxPool2
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, *size, generator=gen).mul(2).round().to(dtype)  # rounded: many ties in a window
+    x[0, 0, 0, 0], x[1, 2, 3, 3] = float("nan"), float("-inf")
+    x = x.contiguous(memory_format=layout)
+    with torch.no_grad():
+        got = MaxPool2()(x)
+    assert torch.equal(got.nan_to_num(), nn.MaxPool2d(2)(x).nan_to_num()) and got.isnan().sum() == 1
+    x.requires_grad_(True)  # training: torch's kernel, so the gradient reaches the same elements
+    assert MaxPool2()(x).grad_fn.name() == nn.MaxPool2d(2)(x).grad_fn.name()
+
+
+def test_fastcnn_pools_with_the_inference_pool():
+    from semiprune_core.models.fastcnn import MaxPool2
+
+    model = create_model("fastcnn", in_channels=1, num_classes=10, image_size=28)
+    assert sum(isinstance(m, MaxPool2) for m in model.modules()) == 3
