@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from flows.stages import outcome_of, reuse_cached, run_stage, stage_graph
+from flows.stages import LockTurns, outcome_of, reuse_cached, run_stage, stage_graph
 from semiprune_core.errors import ConfigError
 
 from .conftest import dvc_env, dvc_repo
@@ -45,6 +46,10 @@ stages:
     cmd: python -c "import time; time.sleep(60)"
     outs:
       - slow.txt
+  nap:
+    cmd: python -c "import time; time.sleep(6); open('nap.txt', 'w').write('z')"
+    outs:
+      - nap.txt
 """
 
 
@@ -60,7 +65,7 @@ def repo(tmp_path: Path) -> Path:
 def test_the_graph_comes_from_dvc_with_every_stage_after_its_upstream(repo):
     stages = stage_graph(repo)
     names = [s.name for s in stages]
-    assert sorted(names) == ["a", "b@0", "b@1", "bad", "c", "slow"]
+    assert sorted(names) == ["a", "b@0", "b@1", "bad", "c", "nap", "slow"]
     upstream = {s.name: s.upstream for s in stages}
     assert upstream["c"] == ("b@0", "b@1") and upstream["b@1"] == ("a",) and upstream["a"] == ()
     for s in stages:
@@ -115,6 +120,47 @@ def test_a_stage_that_refuses_its_input_fails_as_bad_input_with_its_error_in_the
 def test_a_stage_past_its_timeout_is_killed(repo):
     result = run_stage(repo, "slow", env=env(), timeout=4)
     assert result.outcome == "timed out" and result.seconds < 30 and not result.bad_input
+
+
+def test_a_stage_starts_while_another_runs_its_command_once_dvc_has_let_go_of_the_lock(repo):
+    import threading
+
+    ended = {}
+
+    def nap():
+        assert run_stage(repo, "nap", env=env(), first=True).outcome == "ran"
+        ended["nap"] = time.monotonic()
+
+    napping = threading.Thread(target=nap)
+    napping.start()
+    assert run_stage(repo, "a", env=env()).outcome == "ran"  # waits for nap's turn, not for its command
+    ended["a"] = time.monotonic()
+    napping.join()
+    assert ended["a"] < ended["nap"] - 1
+
+
+def test_lock_turns_are_one_at_a_time_a_waiting_model_stage_first_then_arrival_order():
+    import threading
+
+    turns, log = LockTurns(), []
+
+    def take(name: str, first: bool) -> None:
+        with turns.turn(first=first):
+            log.append(("in", name))
+            time.sleep(0.05)
+            log.append(("out", name))
+
+    threads = []
+    with turns.turn() as checked:
+        for name, first in [("light 1", False), ("light 2", False), ("model", True)]:
+            threads.append(threading.Thread(target=take, args=(name, first)))
+            threads[-1].start()
+            while len(turns._queue) < len(threads):  # queued behind this turn
+                time.sleep(0.01)
+        checked()  # ends the turn early; leaving the block again changes nothing
+    for t in threads:
+        t.join()
+    assert log == [(step, name) for name in ("model", "light 1", "light 2") for step in ("in", "out")]
 
 
 def test_the_cache_pass_keeps_what_is_current_leaves_what_must_run_and_answers_nothing_when_it_fails(repo):
