@@ -15,21 +15,18 @@ import numpy as np
 
 
 def _figure(width: float = 7.0, height: float = 3.6):
-    import matplotlib
+    # matplotlib's object API, not pyplot: no global figure registry, so figures may be drawn on a
+    # thread beside the main one (the flow draws the report's while the coreset model trains)
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(figsize=(width, height), dpi=100)
+    fig = Figure(figsize=(width, height), dpi=100)
+    return fig, fig.subplots()
 
 
 def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     return buf.getvalue()
 
 
