@@ -12,7 +12,8 @@
     2; pinned memory on a GPU), each loop once in fp32 and once under the engine's autocast, and over
     the stock ``torchvision.datasets.FashionMNIST`` (PIL per sample, the last ``--workers`` value).
     Same model in the same memory format (channels_last) in every loop. Each model's ratio uses its
-    fastest baseline. Also the input pipelines alone (no model), for reference.
+    fastest baseline. Also each model's inference rate (:func:`predict`, what held-out scoring runs
+    every epoch) and the input pipelines alone (no model), for reference.
     ``--compile`` also measures the engine with the model compiled (``fit(compile=True)``): the
     compile's seconds and the steady rate after it.
 
@@ -50,6 +51,7 @@ from semiprune_core.training import (
     SupervisedObjective,
     evaluate,
     fit,
+    predict,
     resolve_device,
     resolve_precision,
     to_float,
@@ -190,6 +192,20 @@ def engine_train_rate(args, name, x_train, y_train, device, *, compile: bool | s
     return result.sample_passes / result.train_seconds, warm_seconds
 
 
+def engine_predict_rate(args, name, x_train, device) -> float:
+    """Images/s of :func:`predict` (eval mode, no augmentation, its default batch of 1024) over the
+    first ``--predict-images`` training images: the held-out pass of every scoring epoch, the
+    pseudo-labels and the test accuracy run it."""
+    model = model_for(args, name)
+    predict(model, x_train[:2048], device=device, precision=args.precision)  # warm-up
+    x = x_train[: args.predict_images]
+    _sync(device)
+    t0 = time.perf_counter()
+    predict(model, x, device=device, precision=args.precision)
+    _sync(device)
+    return len(x) / (time.perf_counter() - t0)
+
+
 def loader_train_rate(args, name, loader, device, amp: torch.dtype | None) -> float:
     """Images/s of a plain training loop over ``loader`` (same model and memory layout; the optimiser
     is the plain loop's ``torch.optim.SGD``, whose arithmetic the engine's SGD repeats), its forward
@@ -257,9 +273,10 @@ def bench_throughput(args, x_train, y_train, device) -> dict:
             baselines = {k: v for k, v in train.items() if k != engine_key}
             best = max(baselines, key=baselines.get)
             models[name] = {"model": describe_model(model_for(args, name), name), "train_img_per_s": train,
-                            "best_baseline": best, "ratio": train[engine_key] / baselines[best]}
+                            "best_baseline": best, "ratio": train[engine_key] / baselines[best],
+                            "predict_img_per_s": engine_predict_rate(args, name, x_train, device)}
             line = (f"  {name}: engine {train[engine_key]:,.0f} img/s, best baseline {best} {baselines[best]:,.0f} img/s: "
-                    f"{models[name]['ratio']:.2f}x")
+                    f"{models[name]['ratio']:.2f}x; inference {models[name]['predict_img_per_s']:,.0f} img/s")
             if args.compile:
                 rate, seconds = engine_train_rate(args, name, x_train, y_train, device, compile=args.compile)
                 models[name]["compiled"] = {"mode": "default" if args.compile is True else args.compile,
@@ -297,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depth", type=int, default=1)
     p.add_argument("--stem", choices=["conv", "s2d"], help="override the model's stem")
     p.add_argument("--throughput-steps", type=int, default=100)
+    p.add_argument("--predict-images", type=int, default=30000, help="images of the inference rate (predict)")
     p.add_argument("--warmup-steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     p.add_argument("--device", default="auto")
@@ -340,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
               f"warm-up, engine in {thr['precision']} (img/s)")
         for name, m in thr["models"].items():
             cols = "  ".join(f"{k} {v:,.0f}" for k, v in m["train_img_per_s"].items())
-            print(f"    {m['model']}: {m['ratio']:.2f}x the best baseline ({m['best_baseline']})\n      {cols}")
+            print(f"    {m['model']}: {m['ratio']:.2f}x the best baseline ({m['best_baseline']}); "
+                  f"inference {m['predict_img_per_s']:,.0f} img/s\n      {cols}")
         data = thr["data_only_img_per_s"]
         print(f"    input pipelines alone: engine {data['engine']:,.0f} img/s, per-sample DataLoader "
               f"{data['dataloader_tensor_w0']:,.0f}, torchvision PIL {data['dataloader_torchvision_pil_w0']:,.0f} "
