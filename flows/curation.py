@@ -39,7 +39,7 @@ from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
-from .publish import REPORT_SOURCE, draw_report_figures, publish_run
+from .publish import publish_run
 from .stages import StageRun, reuse_cached, run_stage, run_stages
 from .workspace import dvc_env, run_lock
 
@@ -181,15 +181,13 @@ def _curate(ws: Path, proj: str, stage_timeout, stages, force: bool, gpus, pull:
             device=device, slots=slots if stage.gpu else None, first=stage.gpu,
             wait_for=[futures[u] for u in stage.upstream if u in futures])
 
-    records, failed, drawing = [], None, None
+    records, failed = [], None
     for stage in graph:
         future = futures[stage.name]
         future.wait()
         state = future.state
         if state.is_completed():
             records.append(future.result())
-            if stage.name == REPORT_SOURCE and records[-1]["outcome"] in ("ran", "restored") and stage is not graph[-1]:
-                drawing = draw_report_figures(ws, Path(proj))
             continue
         outcome = "not run"  # an upstream stage failed
         if state.is_failed() or state.is_crashed():
@@ -198,8 +196,6 @@ def _curate(ws: Path, proj: str, stage_timeout, stages, force: bool, gpus, pull:
             failed = failed or error
         records.append({"name": stage.name, "outcome": outcome, "returncode": None, "seconds": 0.0,
                         "device": None, "worker": None})
-    if drawing is not None:
-        drawing.join()
     publish_run(ws, records, max_rows=publish_rows, project=Path(proj))
     if failed is not None:
         # a Failed state, not a raise: the run is marked failed and the caller still gets the

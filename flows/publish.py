@@ -6,8 +6,6 @@ they say exactly what DVC recorded; parts a workspace does not have yet are left
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from pathlib import Path
 
 import yaml
@@ -18,8 +16,6 @@ SUMMARY_KEY = "semiprune-run"
 PRUNED_KEY = "semiprune-pruned"
 SELECTION = Path("artifacts/select/selection.parquet")
 REUSED = ("restored", "unchanged")
-#: the stage whose table the report's figures are drawn from
-REPORT_SOURCE = "audit"
 
 
 def summary_markdown(ws: Path, records: list[dict]) -> str:
@@ -78,21 +74,6 @@ def refresh_report(ws: Path, records: list[dict], project: Path | None) -> Path 
     if (ws / REPORT).exists() and all(r["outcome"] == "unchanged" for r in records if r["name"] != "source"):
         return ws / REPORT
     return build_report(ws, project)
-
-
-def draw_report_figures(ws: Path, project: Path | None) -> threading.Thread:
-    """Start drawing the report's figures on a thread of their own, to overlap what still runs after
-    ``REPORT_SOURCE`` (the coreset model's training); join it before :func:`publish_run`, whose
-    report then reads them back. A figure that fails here fails again there, where it is reported."""
-    from .report import build_report
-
-    def draw() -> None:
-        with contextlib.suppress(Exception):
-            build_report(ws, project, write=False)
-
-    thread = threading.Thread(target=draw, name="report figures", daemon=True)
-    thread.start()
-    return thread
 
 
 def publish_run(ws: Path, records: list[dict], *, max_rows: int = 1000, project: Path | None = None) -> None:

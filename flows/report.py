@@ -121,13 +121,8 @@ def _grid(ws: Path, audit: dict, class_names: list[str], pick, images_file: Path
     return _memo_png(ws, _digest("image_grid", rows, caps, ids, str(images_file.resolve()), stat.st_size, stat.st_mtime_ns), draw)
 
 
-def build_report(ws: Path, project: Path | None = None, *, write: bool = True) -> Path | None:
-    """Write ``ws/reports/report.html`` and return its path; a clear error before any run.
-
-    ``write=False`` only draws the figures into the memo (none is written or returned): the flow
-    does that once the audit table is new, while the coreset model trains, so the report at the
-    run's end only reads them back (a ratio change redraws about a second of figures).
-    """
+def build_report(ws: Path, project: Path | None = None) -> Path:
+    """Write ``ws/reports/report.html`` and return its path; a clear error before any run."""
     from semiprune_core.data.manifest import IMAGES, read_images
     from semiprune_core.data.prepared import PREPARE_DIR
 
@@ -210,8 +205,6 @@ def build_report(ws: Path, project: Path | None = None, *, write: bool = True) -
     page.heading("Params")
     page.table(["section", "values"], [[k, json.dumps(v)] for k, v in params.items()])
     page.text(f"Code: {json.dumps(meta.get('code_version'))}. Inputs (SHA-256): {json.dumps(meta.get('inputs'))}.")
-    if not write:
-        return None
     out = ws / REPORT
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:

@@ -15,8 +15,8 @@ import numpy as np
 
 
 def _figure(width: float = 7.0, height: float = 3.6):
-    # matplotlib's object API, not pyplot: no global figure registry, so figures may be drawn on a
-    # thread beside the main one (the flow draws the report's while the coreset model trains)
+    # matplotlib's object API, not pyplot: no global registry of open figures, so a figure that
+    # fails half-drawn is not left behind in a long-lived process (the flow, a served run)
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), dpi=100)

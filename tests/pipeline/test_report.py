@@ -67,23 +67,3 @@ def test_dvc_plots_show_lists_the_pipelines_plots(smoke):
 def test_a_report_before_any_run_is_refused(project):
     proc = run_cli(project, "report")
     assert proc.returncode == 2 and "the pipeline has not run there yet" in proc.stderr.splitlines()[-1]
-
-
-@needs_fmnist
-def test_figures_drawn_ahead_of_the_report_are_read_back_by_it(smoke, monkeypatch):
-    from flows.publish import draw_report_figures
-    from flows.report import FIGURES, REPORT, build_report
-    from semiprune_core import report as fig
-
-    ws = smoke / "runs/smoke"
-    before = (ws / REPORT).read_bytes()
-    shutil.rmtree(ws / FIGURES)
-    draw_report_figures(ws, smoke).join()  # what the flow starts once the audit table is new
-    assert len(list((ws / FIGURES).glob("*.png"))) >= 5 and (ws / REPORT).read_bytes() == before
-
-    def no_drawing(*args, **kwargs):
-        raise AssertionError("the report drew a figure that was drawn ahead")
-
-    monkeypatch.setattr(fig, "_figure", no_drawing)
-    html = build_report(ws, smoke).read_text()
-    assert html.count("data:image/png;base64,") >= 5
