@@ -3,7 +3,8 @@
 UNSEEN scores each sample with a proxy that never saw it: K proxies, proxy k trained on every fold
 but k, each evaluating its held-out fold every epoch. In sample passes that is (K-1) trainings of
 one proxy on the whole pool, plus one forward pass over the pool per epoch. This benchmark runs
-both, as the pipeline runs them (the engine, the dynamics recorder, the same model and schedule):
+both, as the pipeline runs them (the engine, the dynamics recorder, the same model and schedule, a
+process that keeps freed memory like every stage process):
 
   one proxy   fit on all N samples for E epochs, recording in-sample dynamics (SemiPrune's scoring)
   K folds     fit on (K-1)/K of the pool each, recording in-sample dynamics and evaluating the
@@ -33,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engine import load_fashion  # noqa: E402
 
+from semiprune_core.allocator import keep_freed_memory  # noqa: E402
 from semiprune_core.data.folds import assign_folds  # noqa: E402
 from semiprune_core.dynamics import DynamicsRecorder  # noqa: E402
 from semiprune_core.models import create_model  # noqa: E402
@@ -82,11 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 
+    kept = keep_freed_memory()  # as the score@fold stage process does: batch-1024 inference without it pays page faults
     x, y, _, _ = load_fashion()
     images, targets = x.numpy(), y.numpy()
     everyone, nobody = np.arange(len(images)), np.array([], np.int64)
     report: dict = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
-                                "threads": torch.get_num_threads()},
+                                "threads": torch.get_num_threads(), "keeps_freed_memory": kept},
                     "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "n": len(images)}
     with tempfile.TemporaryDirectory() as tmp:
         one = train(args, images, targets, everyone, nobody, Path(tmp) / "one")
