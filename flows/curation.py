@@ -91,15 +91,12 @@ def visible_gpus() -> list[str]:
 @task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_condition_fn=_retry_transient,
       cache_policy=None, persist_result=False)
 def stage_task(workspace: str, project: str, name: str, timeout: float | None = None, *, done: dict | None = None,
-               force: bool = False, pull: bool = False, device: str | None = None, slots: str | None = None,
-               first: bool = False) -> dict:
+               force: bool = False, pull: bool = False, device: str | None = None, slots: str | None = None) -> dict:
     """Run one stage through DVC; its output goes line by line to the task's log.
 
     ``done``: what the cache pass did with the stage ({outcome, seconds}), so no process runs.
     ``device``: the GPU this stage gets to itself for as long as it runs.
     ``slots``: the flow run's model-stage semaphore (a key of ``_MODEL_SLOTS``), held while it runs.
-    ``first``: a model stage, whose DVC process checks the stage before those of light stages
-    ready at the same moment (``LockTurns``).
     """
     record = {"name": name, "device": device, "worker": f"{socket.gethostname()}:{os.getpid()}"}
     if done is not None:
@@ -114,7 +111,7 @@ def stage_task(workspace: str, project: str, name: str, timeout: float | None = 
         guard = concurrency(gpu_slot(device), occupy=1, strict=True)
     with _model_slot(slots), guard:
         result = run_stage(Path(workspace), name, env=env, timeout=timeout, force=force, pull=pull,
-                           first=first, on_line=log.info)
+                           on_line=log.info)
     if result.outcome in ("failed", "timed out"):
         raise StageFailed(result)
     log.info("stage %s %s in %.1f s", name, result.outcome, result.seconds)
@@ -178,7 +175,7 @@ def _curate(ws: Path, proj: str, stage_timeout, stages, force: bool, gpus, pull:
             device, gpu_stages = gpus[gpu_stages % len(gpus)], gpu_stages + 1
         futures[stage.name] = stage_task.with_options(task_run_name=stage.name).submit(
             str(ws), proj, stage.name, stage_timeout, done=done.get(stage.name), force=force, pull=pull,
-            device=device, slots=slots if stage.gpu else None, first=stage.gpu,
+            device=device, slots=slots if stage.gpu else None,
             wait_for=[futures[u] for u in stage.upstream if u in futures])
 
     records, failed = [], None

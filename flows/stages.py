@@ -9,8 +9,6 @@ restored from the run-cache, or is already up to date; this module only reports 
 from __future__ import annotations
 
 import contextlib
-import heapq
-import itertools
 import json
 import subprocess
 import sys
@@ -19,7 +17,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from semiprune_core.errors import ConfigError
 
@@ -27,6 +25,8 @@ from semiprune_core.errors import ConfigError
 _OUTCOMES = (("ran", "Running stage '{}'"), ("restored", "Stage '{}' is cached - skipping run"),
              ("unchanged", "Stage '{}' didn't change, skipping"))
 BAD_INPUT_EXIT = 2  # a stage's "bad input or config" exit code (tasks/_stage.py): retrying cannot help
+#: ``dvc --wait-for-lock``, trying the lock every 50 ms (``flows/dvc_cli.py``)
+DVC_WAITING = (sys.executable, "-m", "flows.dvc_cli", "--wait-for-lock")
 
 
 @dataclass(frozen=True)
@@ -207,85 +207,29 @@ def stale_downstream(stages: list[Stage], stale: set[str]) -> set[str]:
     return out
 
 
-class LockTurns:
-    """Turns for the ``dvc repro`` processes this process starts in one repository, model stages first.
-
-    A ``dvc repro`` holds the repository's lock while it checks its stage, up to the line where it
-    prints the command (``> python -m tasks.evaluate``), and lets go while the command runs. Two
-    started together race for it, and the loser sleeps in DVC's 0.5 s polling steps: after
-    ``select``, ``evaluate`` (the run's last 20 s) waited 0.55 s for ``audit`` (1 s, off the
-    critical path). Here a stage's DVC starts only when no other of ours is checking, and a waiting
-    model stage (``first``) goes before the others, then arrival order.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._busy = False
-        self._queue: list[tuple[int, int]] = []  # (0 for a model stage, else 1; arrival), a heap
-        self._arrivals = itertools.count()
-
-    @contextlib.contextmanager
-    def turn(self, *, first: bool = False) -> Iterator[Callable[[], None]]:
-        """Wait for this turn; yield ``done()``, which ends it early (DVC let go of its lock).
-        Leaving the block ends it either way."""
-        me = (0 if first else 1, next(self._arrivals))
-        with self._cond:
-            heapq.heappush(self._queue, me)
-            self._cond.wait_for(lambda: not self._busy and self._queue[0] == me)
-            heapq.heappop(self._queue)
-            self._busy = True
-        ended = False
-
-        def done() -> None:
-            nonlocal ended
-            with self._cond:
-                if not ended:
-                    ended, self._busy = True, False
-                    self._cond.notify_all()
-
-        try:
-            yield done
-        finally:
-            done()
-
-
-_TURNS: dict[Path, LockTurns] = {}
-_TURNS_GUARD = threading.Lock()
-
-
-def lock_turns(workspace: Path) -> LockTurns:
-    """The :class:`LockTurns` of ``workspace`` in this process."""
-    with _TURNS_GUARD:
-        return _TURNS.setdefault(Path(workspace).resolve(), LockTurns())
-
-
 def run_stage(workspace: Path, name: str, *, env: dict[str, str] | None = None, timeout: float | None = None,
-              force: bool = False, pull: bool = False, first: bool = False,
-              on_line: Callable[[str], None] = lambda line: None, keep: int = 40) -> StageRun:
+              force: bool = False, pull: bool = False, on_line: Callable[[str], None] = lambda line: None,
+              keep: int = 40) -> StageRun:
     """Run one stage through DVC in a subprocess, passing each output line to ``on_line``.
 
     Past ``timeout`` seconds the process tree (DVC and the stage it runs) is killed and the
     outcome is ``timed out``. ``pull``: DVC takes the stage from the default remote's run-cache
     (outputs included) when a run with the same inputs is there. DVC's lock wait lets fold stages
-    run side by side; ``first`` (a model stage) takes its turn at that lock before the others
-    (:class:`LockTurns`). DVC deletes a stage's outputs before running it; if the stage fails, the
-    outputs of its last good run (recorded in dvc.lock and kept in the cache) are put back, so a
-    failure loses nothing.
+    run side by side (``flows/dvc_cli.py`` makes it try every 50 ms). DVC deletes a stage's outputs
+    before running it; if the stage fails, the outputs of its last good run (recorded in dvc.lock
+    and kept in the cache) are put back, so a failure loses nothing.
     """
-    cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", name] + (["--force"] if force else []) + (["--pull"] if pull else [])
+    cmd = [*DVC_WAITING, "repro", "--single-item", name] + (["--force"] if force else []) + (["--pull"] if pull else [])
+    started = time.monotonic()
     reported = "unknown"
-    with lock_turns(workspace).turn(first=first) as checked:
-        started = time.monotonic()
 
-        def watch(line: str) -> None:
-            nonlocal reported
-            if reported == "unknown":
-                reported = outcome_of(name, [line])
-            if line.startswith("> "):  # DVC prints the command once it has let go of the lock
-                checked()
-            on_line(line)
+    def watch(line: str) -> None:
+        nonlocal reported
+        if reported == "unknown":
+            reported = outcome_of(name, [line])
+        on_line(line)
 
-        rc, tail, timed_out = _stream(_popen(cmd, workspace, env), timeout=timeout, on_line=watch, keep=keep)
+    rc, tail, timed_out = _stream(_popen(cmd, workspace, env), timeout=timeout, on_line=watch, keep=keep)
     if timed_out:
         outcome = "timed out"
     elif rc != 0:
@@ -293,7 +237,7 @@ def run_stage(workspace: Path, name: str, *, env: dict[str, str] | None = None, 
     else:
         outcome = reported
     if outcome in ("failed", "timed out"):
-        subprocess.run([sys.executable, "-m", "dvc", "--wait-for-lock", "checkout", "--quiet", name], cwd=workspace,
+        subprocess.run([*DVC_WAITING, "checkout", "--quiet", name], cwd=workspace,
                        env=env, capture_output=True)  # fails harmlessly when the stage never succeeded
     return StageRun(name, outcome, rc, round(time.monotonic() - started, 2), tail)
 

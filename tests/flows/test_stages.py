@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.stages import LockTurns, outcome_of, reuse_cached, run_stage, stage_graph
+from flows.stages import outcome_of, reuse_cached, run_stage, stage_graph
 from semiprune_core.errors import ConfigError
 
 from .conftest import dvc_env, dvc_repo
@@ -128,39 +128,42 @@ def test_a_stage_starts_while_another_runs_its_command_once_dvc_has_let_go_of_th
     ended = {}
 
     def nap():
-        assert run_stage(repo, "nap", env=env(), first=True).outcome == "ran"
+        assert run_stage(repo, "nap", env=env()).outcome == "ran"
         ended["nap"] = time.monotonic()
 
     napping = threading.Thread(target=nap)
     napping.start()
-    assert run_stage(repo, "a", env=env()).outcome == "ran"  # waits for nap's turn, not for its command
+    time.sleep(2)  # nap's DVC has checked its stage and runs the command, with the lock let go
+    assert run_stage(repo, "a", env=env()).outcome == "ran"  # not waiting for nap's command
     ended["a"] = time.monotonic()
     napping.join()
     assert ended["a"] < ended["nap"] - 1
 
 
-def test_lock_turns_are_one_at_a_time_a_waiting_model_stage_first_then_arrival_order():
+def test_a_dvc_waiting_for_the_repository_lock_takes_it_within_a_tenth_of_a_second(tmp_path, monkeypatch):
     import threading
 
-    turns, log = LockTurns(), []
+    import dvc.lock
 
-    def take(name: str, first: bool) -> None:
-        with turns.turn(first=first):
-            log.append(("in", name))
-            time.sleep(0.05)
-            log.append(("out", name))
+    from flows.dvc_cli import poll_lock_often
 
-    threads = []
-    with turns.turn() as checked:
-        for name, first in [("light 1", False), ("light 2", False), ("model", True)]:
-            threads.append(threading.Thread(target=take, args=(name, first)))
-            threads[-1].start()
-            while len(turns._queue) < len(threads):  # queued behind this turn
-                time.sleep(0.01)
-        checked()  # ends the turn early; leaving the block again changes nothing
-    for t in threads:
-        t.join()
-    assert log == [(step, name) for name in ("model", "light 1", "light 2") for step in ("in", "out")]
+    monkeypatch.setattr(dvc.lock, "DEFAULT_TIMEOUT", dvc.lock.DEFAULT_TIMEOUT)  # restored afterwards
+    poll_lock_often()  # what `python -m flows.dvc_cli` does before DVC runs
+    path = str(tmp_path / "lock")
+    for _ in range(3):  # DVC's own 0.5 s steps would pass all three by luck one time in 125
+        held = dvc.lock.make_lock(path, wait=True)
+        held.lock()
+        waiting = dvc.lock.make_lock(path, wait=True)
+        taken = threading.Event()
+        thread = threading.Thread(target=lambda: (waiting.lock(), taken.set()))
+        thread.start()
+        time.sleep(0.3)  # it is polling now
+        released = time.monotonic()
+        held.unlock()
+        assert taken.wait(5)
+        assert time.monotonic() - released < 0.1
+        thread.join()
+        waiting.unlock()
 
 
 def test_the_cache_pass_keeps_what_is_current_leaves_what_must_run_and_answers_nothing_when_it_fails(repo):
