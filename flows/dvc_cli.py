@@ -6,8 +6,8 @@ A ``dvc repro`` holds the repository's lock for a few tenths of a second while i
 and again while it records the outputs, and lets go while the command runs. The flow starts stages
 side by side (``audit`` and ``evaluate`` after ``select``, the folds), so one of them often finds
 the lock taken, and DVC's wait then sleeps in 0.5 s steps: when ``evaluate``, the run's last and
-longest stage, lost that race, its command started 0.77-0.88 s after ``select`` ended instead of
-0.31-0.34 s (2 CPU cores).
+longest stage, lost that race (half the time), its command started 0.85-0.90 s after ``select``
+ended instead of 0.33-0.35 s; with tries every 50 ms, 0.46-0.51 s (2 CPU cores).
 """
 
 from __future__ import annotations
