@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -74,11 +73,9 @@ def _free_port() -> int:
 
 
 def _prefect_command() -> list[str]:
-    beside = Path(sys.executable).parent / "prefect"
-    found = str(beside) if beside.exists() else shutil.which("prefect")
-    if not found:
-        raise SemiPruneError("the prefect command is not installed", "install semiprune's dependencies (bash scripts/setup.sh)")
-    return [found]
+    # Prefect's CLI through this interpreter, which imports prefect wherever the flow runs; its
+    # console script may be missing or another install's (a `pip install --target` has none)
+    return [sys.executable, "-m", "prefect"]
 
 
 def start(*, port: int | None = None, timeout: float = 120.0) -> tuple[dict, bool]:

@@ -77,3 +77,28 @@ def test_a_dead_servers_state_file_is_ignored(tmp_path, monkeypatch):
     assert prefect_server.running() is None
     assert prefect_server.use_running_server() is None and "PREFECT_API_URL" not in os.environ
     assert prefect_server.stop() is None and not (tmp_path / prefect_server.STATE_NAME).exists()
+
+
+def test_the_server_starts_where_prefect_is_importable_without_its_command(tmp_path):
+    # dependencies on PYTHONPATH (a `pip install --target`, a carried site-packages): no `prefect`
+    # console script beside the interpreter or on PATH, as on a bare GPU machine
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    python = bin_dir / "python3"
+    python.symlink_to(os.path.realpath(sys.executable))  # outside the venv: no pyvenv.cfg beside it
+    site_packages = subprocess.run([sys.executable, "-c", "import site; print(site.getsitepackages()[0])"],
+                                   capture_output=True, text=True, check=True).stdout.strip()
+    env = {k: v for k, v in dvc_env().items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PATH=f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin", PYTHONPATH=f"{REPO}{os.pathsep}{site_packages}")
+    run = lambda *args: subprocess.run([str(python), "-m", "flows.cli", "server", *args], cwd=REPO, env=env,
+                                       capture_output=True, text=True, timeout=240)
+    assert subprocess.run([str(python), "-c", "import prefect, sys; assert sys.prefix == sys.base_prefix"],
+                          env=env).returncode == 0  # prefect importable, yet not from a venv with its script
+    started = run("start")
+    try:
+        assert started.returncode == 0, started.stderr[-2000:]
+        assert prefect_server.healthy(started.stdout.strip())
+    finally:
+        stopped = run("stop")
+    assert stopped.returncode == 0 and "stopped" in stopped.stderr
