@@ -48,7 +48,8 @@ timed() {  # timed STEP COMMAND...: run it, log its output, record its exit code
 }
 ratio() { sed -i "s/^  ratio: [0-9.]* /  ratio: $1 /" "$WORK/params.yaml"; }
 
-"$PYTHON" -m flows.cli server start >>"$LOG" 2>&1
+# without the server every run would start a temporary one (5-10 s each): timings of another setup
+"$PYTHON" -m flows.cli server start >>"$LOG" 2>&1 || { echo "error: semiprune server start failed; see $LOG" >&2; exit 1; }
 trap '"$PYTHON" -m flows.cli server stop >>"$LOG" 2>&1' EXIT  # the server is a daemon: stop it however this ends
 trap 'exit 143' TERM INT
 timed main_job "${RUN[@]}"
