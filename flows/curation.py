@@ -25,6 +25,8 @@ runs (or two folds) never share a GPU.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import os
 import shutil
 import socket
@@ -34,6 +36,7 @@ import uuid
 from dataclasses import asdict
 from pathlib import Path
 
+import prefect.flow_engine
 from prefect import flow, get_run_logger, task
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -42,6 +45,23 @@ from prefect.tasks import exponential_backoff
 from .publish import publish_run
 from .stages import StageRun, reuse_cached, run_stage, run_stages
 from .workspace import dvc_env, run_lock
+
+
+def _skip_heartbeat_join() -> None:
+    """End flow runs without waiting for Prefect's heartbeat thread.
+
+    Prefect's sync flow engine joins that thread when a run ends, and the thread sleeps in 1 s
+    steps, so every run waited up to a second for it (0.95 s after a short one, such as a reverted
+    ratio). Its async engine skips the join; this does the same. The thread is a daemon that sends
+    nothing once the run has ended, so the crash-detecting heartbeats are unchanged.
+    """
+    send = getattr(prefect.flow_engine, "_send_heartbeats", None)
+    if (send is not None and not isinstance(send, functools.partial)
+            and "join_on_exit" in inspect.signature(send).parameters):
+        prefect.flow_engine._send_heartbeats = functools.partial(send, join_on_exit=False)
+
+
+_skip_heartbeat_join()
 
 
 class StageFailed(RuntimeError):
