@@ -456,6 +456,26 @@ def test_predict_is_deterministic_in_eval_mode_and_restores_the_mode(data):
     assert evaluate(model, x, y) == pytest.approx((a.argmax(1) == y).float().mean().item())
 
 
+def test_predict_on_a_cpu_keeps_each_activation_within_the_budget_with_the_same_outputs():
+    # resnet18_cifar on 32x32: 128 KiB per sample in its first activation, so batch 1024 would
+    # make 128 MiB tensors (mmap-ed and page-faulted afresh per batch, and 1.9x slower)
+    model = create_model("resnet18_cifar", in_channels=3, num_classes=CLASSES, image_size=32)
+    x = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8)
+    largest = []
+
+    def record(_module, _args, out) -> None:
+        largest.append(out.nbytes)
+
+    hooks = [m.register_forward_hook(record) for m in model.modules()]
+    try:
+        capped = predict(model, x, batch_size=1024, precision="bf16")
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert engine.CPU_ACTIVATION_BUDGET // 2 < max(largest) <= engine.CPU_ACTIVATION_BUDGET  # not tiny batches either
+    assert torch.equal(capped, predict(model, x, batch_size=16, precision="bf16"))
+
+
 def test_sample_weights_scale_the_loss(data):
     x, y = data
     model = mlp()
