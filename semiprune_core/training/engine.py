@@ -716,11 +716,11 @@ def _restore(state: dict, parts: dict[str, Any], path: Path) -> dict | None:
 
 # --- inference ---------------------------------------------------------------------------------------
 
-# On a CPU, inference batches whose largest activation stays within this many bytes. glibc serves
-# blocks above 32 MiB with mmap whatever the settings (semiprune_core.allocator), so bigger batches
-# page-fault their activations in afresh every time. Measured on 2 Sapphire Rapids cores in bf16:
-# fastcnn_l 42,000 img/s at batch 256-512 vs 32,700 at 1024; resnet18_cifar 960-1,000 at 64-256 vs
-# 530 at 1024; identical outputs.
+# On a CPU, inference batches whose largest activation stays within this many bytes. Bigger ones ran
+# slower: their activations leave the caches, and glibc serves blocks above 32 MiB by mmap whatever
+# the settings (semiprune_core.allocator), page-faulted afresh each time (turning mmap off recovered
+# only part of it). Measured on 2 Sapphire Rapids cores in bf16: fastcnn_l 42,000 img/s at batch
+# 256-512 vs 32,700 at 1024; resnet18_cifar 960-1,000 at 64-256 vs 530 at 1024; identical outputs.
 CPU_ACTIVATION_BUDGET = 16 << 20
 
 
