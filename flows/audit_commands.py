@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from semiprune_core.audit import explain, near_matches
 from semiprune_core.config import param_diff
 from semiprune_core.errors import ConfigError
-from semiprune_core.io import atomic_path
+from semiprune_core.io import atomic_path, read_parquet
 
 AUDIT = Path("artifacts/audit/audit.parquet")
 
@@ -26,7 +26,7 @@ def load_audit(ws: Path) -> tuple[pa.Table, dict]:
     if not path.exists():
         raise ConfigError(f"no audit table in {ws}: the pipeline has not run there yet",
                           "run `semiprune run` (with the same --profile/--set) first")
-    table = pq.read_table(path)
+    table = read_parquet(path)
     meta = json.loads((table.schema.metadata or {}).get(b"semiprune", b"{}"))
     return table, meta
 
@@ -95,7 +95,7 @@ def read_results(project: Path, ref: str) -> tuple[pa.Table, dict, str]:
 
     try:
         with dvc.api.open(str(AUDIT), repo=str(project), rev=ref, mode="rb") as fh:
-            table = pq.read_table(io.BytesIO(fh.read()))
+            table = read_parquet(io.BytesIO(fh.read()))
     except (SCMError, GitError):  # an unknown revision, no commits yet, or no git at all
         raise ConfigError(f"{ref!r} is neither a run under runs/ nor a git revision",
                           "name a run (ls runs/), '.', or a commit, branch or tag") from None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from semiprune_core.io import read_metrics
+from semiprune_core.io import read_metrics, read_parquet
 
 SUMMARY_KEY = "semiprune-run"
 PRUNED_KEY = "semiprune-pruned"
@@ -55,9 +55,8 @@ def pruned_rows(ws: Path, max_rows: int) -> tuple[list[dict], int]:
     if not path.exists():
         return [], 0
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    table = read_parquet(path)
     pruned = table.filter(pc.invert(table["is_kept"])).drop_columns(["is_kept"])
     top = pruned.take(pc.sort_indices(pruned, [("rank", "descending")])[:max_rows])
     top = top.set_column(top.schema.get_field_index("reason"), "reason", top["reason"].cast("string"))

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from semiprune_core import report as fig
-from semiprune_core.io import atomic_path, read_metrics
+from semiprune_core.io import atomic_path, read_metrics, read_parquet
 
 from .audit_commands import load_audit
 
@@ -149,10 +149,8 @@ def build_report(ws: Path, project: Path | None = None) -> Path:
 
     sweep = (project or ws) / "reports" / "sweep" / "sweep.parquet"
     if sweep.exists():
-        import pyarrow.parquet as pq
-
         page.heading("Accuracy against pruning ratio")
-        page.figure(_figure(ws, fig.accuracy_vs_ratio, pq.read_table(sweep).to_pylist()),
+        page.figure(_figure(ws, fig.accuracy_vs_ratio, read_parquet(sweep).to_pylist()),
                     f"final-epoch test accuracy of a model trained on each coreset ({sweep})")
 
     kind = str(s.get("score", "oos_aum")).partition("_")[2] or "aum"

@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from ..errors import DataError
-from ..io import PARQUET_OPTIONS, atomic_path
+from ..io import PARQUET_OPTIONS, atomic_path, read_parquet
 from ..io import sha256_file
 from ._common import from_fixed_binary, to_fixed_binary
 from .pool import UNLABELED, Pool
@@ -360,7 +360,7 @@ def _read_cache(path: Path, nbytes: int) -> dict:
     if not path.exists():
         return empty
     try:
-        table = pq.read_table(path)
+        table = read_parquet(path)
         if (table.schema.metadata or {}).get(b"cache_version") != _CACHE_VERSION.encode() or \
                 table.schema.field("image").type != pa.binary(nbytes):
             raise ValueError("written by another version")

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 
 from .. import __version__
 from ..errors import DataError
-from ..io import META_KEY, PARQUET_OPTIONS, _json_default, atomic_path, table_meta
+from ..io import META_KEY, PARQUET_OPTIONS, _json_default, atomic_path, read_parquet, table_meta
 
 #: The per-sample statistics, in the order they are stored (``correct`` as 0/1 in the scratch memmap).
 METRICS: tuple[str, ...] = ("target_prob", "margin", "loss", "entropy", "el2n", "correct")
@@ -191,7 +191,7 @@ def read_dynamics(path: str | os.PathLike, *, metrics: tuple[str, ...] = METRICS
 
     def column(name: str) -> pa.ChunkedArray:
         try:
-            col = pq.read_table(path, columns=[name]).column(0)
+            col = read_parquet(path, columns=[name]).column(0)
         except (pa.ArrowInvalid, OSError) as err:
             raise DataError(f"{path}: cannot read column {name!r} ({err})", fix) from None
         if col.null_count:

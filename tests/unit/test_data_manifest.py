@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import io
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from semiprune_core.data import (
     write_prepare_outputs,
 )
 from semiprune_core.errors import DataError
-from semiprune_core.io import table_meta
+from semiprune_core.io import read_parquet, read_table, table_meta
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 SYNTH = {
@@ -116,6 +119,20 @@ def test_images_round_trip_as_a_view(synth_pool, tmp_path):
     assert ids.tolist() == synth_pool.sample_ids[order].tolist()
     np.testing.assert_array_equal(images, synth_pool.images[order])
     assert images.shape == (len(synth_pool), 1, 12, 12) and not images.flags.writeable
+
+
+def test_tables_are_read_whole_with_their_metadata_without_pyarrows_dataset_layer(synth_pool, tmp_path):
+    write_prepare_outputs(synth_pool, tmp_path, meta={"seed": 3})
+    path = tmp_path / "manifest.parquet"
+    read = read_table(path)
+    assert read.equals(pq.read_table(path)) and read.schema.metadata == pq.read_table(path).schema.metadata
+    assert table_meta(read)["seed"] == 3
+    assert read_table(path, columns=["sample_id"]).column_names == ["sample_id"]
+    assert read_parquet(io.BytesIO(path.read_bytes())).equals(read)  # a file object too (a DVC revision)
+    # the dataset layer (and pandas, which it imports) cost every stage process ~0.2 s to load
+    probe = "import sys; from semiprune_core.io import read_table; read_table(sys.argv[1]); print('pyarrow.dataset' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_hidden_labels_kept_apart(synth_pool, tmp_path):
