@@ -52,8 +52,8 @@ def _skip_heartbeat_join() -> None:
 
     Prefect's sync flow engine joins that thread when a run ends, and the thread sleeps in 1 s
     steps, so every run waited up to a second for it (0.95 s after a short one, such as a reverted
-    ratio). Its async engine skips the join; this does the same. The thread is a daemon that sends
-    nothing once the run has ended, so the crash-detecting heartbeats are unchanged.
+    ratio). Its async engine skips the join; this does the same. The thread is a daemon that starts
+    no heartbeat once the run has ended, so the crash-detecting heartbeats are unchanged.
     """
     send = getattr(prefect.flow_engine, "_send_heartbeats", None)
     if (send is not None and not isinstance(send, functools.partial)
