@@ -15,6 +15,10 @@ and what is downstream of them) start a ``dvc repro`` of their own; a ratio-only
 run before needs none. ``semiprune run`` starts that pass before Prefect has loaded, so the two
 overlap.
 
+The stages that do start start warm: the flow runs a stage server that imports torch once, and the
+stage command DVC starts hands its work to a process forked from it (``tasks/_warm_start.py``),
+which spares every model stage the second or more that importing torch costs.
+
 A stage that fails is retried with back-off, unless it refused its input (exit code 2) or ran out
 of time: a retry would fail the same way. A failed stage fails the flow; the stages after it do not
 run. With GPUs, each model-running stage (``meta: {gpu: true}``) gets one device through
@@ -42,8 +46,10 @@ from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
+from tasks._warm_start import ENV as WARM_START_ENV
+
 from .publish import publish_run
-from .stages import StageRun, reuse_cached, run_stage, run_stages
+from .stages import StageRun, reuse_cached, run_stage, run_stages, stage_server
 from .workspace import dvc_env, run_lock
 
 
@@ -111,12 +117,15 @@ def visible_gpus() -> list[str]:
 @task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_condition_fn=_retry_transient,
       cache_policy=None, persist_result=False)
 def stage_task(workspace: str, project: str, name: str, timeout: float | None = None, *, done: dict | None = None,
-               force: bool = False, pull: bool = False, device: str | None = None, slots: str | None = None) -> dict:
+               force: bool = False, pull: bool = False, device: str | None = None, slots: str | None = None,
+               server: str | None = None) -> dict:
     """Run one stage through DVC; its output goes line by line to the task's log.
 
     ``done``: what the cache pass did with the stage ({outcome, seconds}), so no process runs.
     ``device``: the GPU this stage gets to itself for as long as it runs.
     ``slots``: the flow run's model-stage semaphore (a key of ``_MODEL_SLOTS``), held while it runs.
+    ``server``: the run's warm-start server (``stage_server``); where it cannot be reached (a Dask
+    worker on another machine) the stage starts cold.
     """
     record = {"name": name, "device": device, "worker": f"{socket.gethostname()}:{os.getpid()}"}
     if done is not None:
@@ -129,6 +138,8 @@ def stage_task(workspace: str, project: str, name: str, timeout: float | None = 
 
         env["CUDA_VISIBLE_DEVICES"] = device
         guard = concurrency(gpu_slot(device), occupy=1, strict=True)
+    if server:
+        env[WARM_START_ENV] = server
     with _model_slot(slots), guard:
         result = run_stage(Path(workspace), name, env=env, timeout=timeout, force=force, pull=pull,
                            on_line=log.info)
@@ -188,20 +199,24 @@ def _curate(ws: Path, proj: str, stage_timeout, stages, force: bool, gpus, pull:
 
     # --force runs every stage; otherwise one process takes what DVC already has (see the module doc)
     done = {} if force else cache_pass(str(ws), proj, [s.name for s in graph], stage_timeout, early)
-    futures, gpu_stages = {}, 0
-    for stage in graph:
-        device = None
-        if stage.gpu and gpus and stage.name not in done:
-            device, gpu_stages = gpus[gpu_stages % len(gpus)], gpu_stages + 1
-        futures[stage.name] = stage_task.with_options(task_run_name=stage.name).submit(
-            str(ws), proj, stage.name, stage_timeout, done=done.get(stage.name), force=force, pull=pull,
-            device=device, slots=slots if stage.gpu else None,
-            wait_for=[futures[u] for u in stage.upstream if u in futures])
+    # the stages left start warm, forked from a server that imported torch once (tasks/_warm_start.py)
+    warm = stage_server(ws, dvc_env(Path(proj))) if len(done) < len(graph) else contextlib.nullcontext()
+    with warm as server:
+        futures, gpu_stages = {}, 0
+        for stage in graph:
+            device = None
+            if stage.gpu and gpus and stage.name not in done:
+                device, gpu_stages = gpus[gpu_stages % len(gpus)], gpu_stages + 1
+            futures[stage.name] = stage_task.with_options(task_run_name=stage.name).submit(
+                str(ws), proj, stage.name, stage_timeout, done=done.get(stage.name), force=force, pull=pull,
+                device=device, slots=slots if stage.gpu else None, server=server,
+                wait_for=[futures[u] for u in stage.upstream if u in futures])
+        for future in futures.values():
+            future.wait()
 
     records, failed = [], None
     for stage in graph:
         future = futures[stage.name]
-        future.wait()
         state = future.state
         if state.is_completed():
             records.append(future.result())

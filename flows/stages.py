@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -274,6 +278,32 @@ def reuse_cached(workspace: Path, names: list[str], *, env: dict[str, str] | Non
         on_line(f"the cache pass {'timed out' if timed_out else f'exited with {rc}'}: every stage goes through its own task")
         return {}
     return {r["name"]: {"outcome": r["outcome"], "seconds": r["seconds"]} for r in answer}
+
+
+@contextlib.contextmanager
+def stage_server(workspace: Path, env: dict[str, str]) -> Iterator[str | None]:
+    """A warm-start server for the stages that run while this is open (``tasks/_warm_start.py``):
+    yields its socket, for ``SEMIPRUNE_STAGE_SERVER`` in the stages' environment, or None where
+    warm starts are turned off (``SEMIPRUNE_WARM_STAGES=0``). The server needs about a second to
+    import torch; a stage that starts before then starts cold."""
+    if env.get("SEMIPRUNE_WARM_STAGES", "1") == "0" or not sys.platform.startswith("linux"):
+        yield None
+        return
+    folder = tempfile.mkdtemp(prefix="semiprune-stages-")  # private (0700): only this user can connect
+    path = os.path.join(folder, "server.sock")
+    server = subprocess.Popen([sys.executable, "-m", "tasks._warm_start", path], cwd=workspace, env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # Ctrl-C reaches the stages through their clients only
+    try:
+        yield path
+    finally:
+        server.terminate()  # stages it started run on: they are processes of their own
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _popen(cmd: list[str], workspace: Path, env: dict[str, str] | None) -> subprocess.Popen:

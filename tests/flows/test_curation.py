@@ -173,3 +173,52 @@ def test_a_flow_run_ends_without_waiting_for_prefects_heartbeat_thread(prefect_h
         seconds.append(time.perf_counter() - start)
     # joining the heartbeat thread, which sleeps in 1 s steps, made each of these take over 0.95 s
     assert min(seconds) < 0.5, seconds
+
+
+WARM_PIPELINE = """
+stages:
+  first:
+    cmd: python -m tasks.probe first
+    outs:
+      - first.json
+  model:
+    meta: {gpu: true}
+    cmd: python -m tasks.probe model
+    deps:
+      - first.json
+    outs:
+      - model.json
+"""
+# tasks.probe NAME: write NAME.json saying whether torch came preloaded; `first` waits for the run's
+# stage server to listen (it imports torch first), so the stage after it must find it
+WARM_PROBE = """
+import json, os, sys, time
+name, server = sys.argv[1], os.environ.get("SEMIPRUNE_STAGE_SERVER")
+warm = "torch" in sys.modules
+deadline = time.monotonic() + 120
+while name == "first" and server and not os.path.exists(server) and time.monotonic() < deadline:
+    time.sleep(0.05)
+json.dump({"warm": warm, "server": server}, open(name + ".json", "w"))
+"""
+
+
+def test_the_stages_of_a_flow_run_start_warm_from_a_server_that_ends_with_the_run(prefect_harness, tmp_path):
+    repo = dvc_repo(tmp_path / "p", WARM_PIPELINE)
+    (repo / "tasks").mkdir()
+    for name in ("__init__.py", "_warm_start.py"):
+        (repo / "tasks" / name).write_text((Path(__file__).resolve().parents[2] / "tasks" / name).read_text())
+    (repo / "tasks" / "probe.py").write_text(WARM_PROBE)
+    records = run_curation(repo, workers=1)
+    assert {r["name"]: r["outcome"] for r in records} == {"first": "ran", "model": "ran"}
+    first, model = (json.loads((repo / f"{n}.json").read_text()) for n in ("first", "model"))
+    assert first["warm"] or first["server"]  # started before the server listened: cold, with its address
+    assert model["warm"]  # forked with torch imported, where a cold start imports it itself
+    import psutil
+
+    def serves_repo(p) -> bool:
+        try:
+            return "tasks._warm_start" in " ".join(p.cmdline()) and p.cwd() == str(repo)
+        except psutil.Error:
+            return False
+
+    assert not any(serves_repo(p) for p in psutil.process_iter())  # the server went with the run
