@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks in one pass, for a short lease of a CUDA machine: what the card is, the GPU-only
 # tests, benchmarks/bench_pipeline.sh on the GPU (the default main job on Fashion-MNIST, ratio-only
-# changes and reverts), the engine's throughput per model with and without torch.compile, and the
+# changes and reverts), the main job again with cold stage starts (SEMIPRUNE_WARM_STAGES=0: what
+# the stage server saves), the engine's throughput per model with and without torch.compile, and the
 # main job with every model compiled. Each step has its own time limit inside one overall deadline,
 # in order of importance, so a short lease still returns the first ones.
 #
@@ -52,6 +53,7 @@ step gpu_tests 180 "$PYTHON" -m pytest tests/gpu -rs -q -p no:cacheprovider
 
 SCRATCH=$(mktemp -d)
 step pipeline 420 bash benchmarks/bench_pipeline.sh --out "$SCRATCH/pipeline"
+step pipeline_cold 240 env SEMIPRUNE_WARM_STAGES=0 bash benchmarks/bench_pipeline.sh --out "$SCRATCH/pipeline_cold" --main-only
 step engine 200 "$PYTHON" benchmarks/bench_engine.py --device cuda --workers 8 \
   --json "$OUT_DIR/engine_cuda.json"
 step engine_compiled 150 "$PYTHON" benchmarks/bench_engine.py --device cuda --workers 8 \
