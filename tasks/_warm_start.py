@@ -57,14 +57,14 @@ def delegate() -> None:
     path, argv = os.environ.get(ENV), sys.orig_argv
     if not path or len(argv) < 3 or argv[1] != "-m" or not argv[2].startswith("tasks.") or argv[2] == __name__:
         return
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(path)
         env = {k: v for k, v in os.environ.items() if k != ENV}
         request = json.dumps({"module": argv[2], "argv": argv[3:], "cwd": os.getcwd(), "env": env,
                               "executable": sys.executable}).encode()
         socket.send_fds(sock, [_LENGTH.pack(len(request)) + request], [0, 1, 2])
-        accepted = sock.recv(1) == b"Y"
+        accepted = sock.recv(1) == b"Y"  # "N": the server, or the forked child's setup, turned it down
     except OSError:
         accepted = False
     if not accepted:
@@ -92,7 +92,8 @@ def delegate() -> None:
     if received:  # the child died of the signal passed on to it: so does this process
         signal.signal(received[-1], signal.SIG_DFL)
         os.kill(os.getpid(), received[-1])
-    print(f"error: the stage process forked for {argv[2]} ended without an exit status", file=sys.stderr)
+    print(f"error: {argv[2]} ended without an exit status: its process (forked from the stage server) "
+          "was killed", file=sys.stderr)
     os._exit(1)
 
 
@@ -156,33 +157,18 @@ def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
 
 def _child(conn: socket.socket, request: dict, fds: list[int]) -> None:
     """Become ``python -m <module> <argv>`` in the client's folder, environment and streams; report
-    the exit code to the client and exit."""
+    the exit code to the client and exit. If that cannot be set up, the client starts cold."""
+    try:
+        _become(request, fds)
+        conn.sendall(b"Y")  # from here on the client waits for this process's exit code
+    except BaseException:
+        try:
+            conn.sendall(b"N")
+        finally:
+            os._exit(1)
     code = 1
     try:
-        conn.sendall(b"Y")  # from here on the client waits for this process's exit code
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        for target, fd in enumerate(fds):
-            os.dup2(fd, target)
-            os.close(fd)
-        fds.clear()
         conn.settimeout(None)
-        os.chdir(request["cwd"])
-        os.environ.clear()
-        os.environ.update(request["env"])
-        for name in [m for m in sys.modules if m.partition(".")[0] in PROJECT_PACKAGES]:
-            del sys.modules[name]
-        sys.path[0] = request["cwd"]  # where `python -m` looks first
-        sys.argv = [request["module"], *request["argv"]]
-        try:  # `top` and `ps -o comm` show the stage, not the server it was forked from
-            with open("/proc/self/comm", "w") as comm:
-                comm.write(request["module"].removeprefix("tasks.")[:15])
-        except OSError:
-            pass
-        for stream, fd in ((sys.stdout, 1), (sys.stderr, 2)):
-            stream.reconfigure(line_buffering=fd == 2 or os.isatty(fd),
-                               write_through=bool(request["env"].get("PYTHONUNBUFFERED")))
-        _reseed()
         threading.Thread(target=_watch_client, args=(conn,), daemon=True).start()
         code = _run_module(request["module"])
     finally:
@@ -196,6 +182,33 @@ def _child(conn: socket.socket, request: dict, fds: list[int]) -> None:
         except OSError:
             pass
         os._exit(code)
+
+
+def _become(request: dict, fds: list[int]) -> None:
+    """This process as ``python -m`` would start the stage: its folder, environment, streams, argv,
+    the project's packages unloaded, fresh randomness."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.chdir(request["cwd"])
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+    for fd in fds:
+        os.close(fd)
+    os.environ.clear()
+    os.environ.update(request["env"])
+    for name in [m for m in sys.modules if m.partition(".")[0] in PROJECT_PACKAGES]:
+        del sys.modules[name]
+    sys.path[0] = request["cwd"]  # where `python -m` looks first
+    sys.argv = [request["module"], *request["argv"]]
+    try:  # `top` and `ps -o comm` show the stage, not the server it was forked from
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(request["module"].removeprefix("tasks.")[:15])
+    except OSError:
+        pass
+    for stream, fd in ((sys.stdout, 1), (sys.stderr, 2)):
+        stream.reconfigure(line_buffering=fd == 2 or os.isatty(fd),
+                           write_through=bool(request["env"].get("PYTHONUNBUFFERED")))
+    _reseed()
 
 
 def _run_module(module: str) -> int:

@@ -59,6 +59,17 @@ def stage(ws: Path, env: dict, *args: str, **popen) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
+def sleeping_stage(ws: Path, env: dict) -> tuple[subprocess.Popen, int]:
+    """A probe stage sleeping for a minute, and the pid of the process that runs it."""
+    (ws / "probe.pid").unlink(missing_ok=True)
+    proc = stage(ws, env, "0", "60")
+    deadline = time.monotonic() + 60
+    while not (ws / "probe.pid").exists() or not (ws / "probe.pid").read_text():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    return proc, int((ws / "probe.pid").read_text())
+
+
 def report(proc: subprocess.Popen) -> tuple[int, dict, str]:
     out, err = proc.communicate(timeout=120)
     return proc.returncode, json.loads(out.splitlines()[0]), err
@@ -98,13 +109,7 @@ def test_a_stage_that_raises_exits_1_with_its_traceback(server):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_a_signal_to_the_stage_process_ends_the_forked_stage(server, sig):
     ws, path, env = server
-    (ws / "probe.pid").unlink(missing_ok=True)
-    proc = stage(ws, {**env, "SEMIPRUNE_STAGE_SERVER": path}, "0", "60")
-    deadline = time.monotonic() + 60
-    while not (ws / "probe.pid").exists() or not (ws / "probe.pid").read_text():
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.05)
-    child = int((ws / "probe.pid").read_text())
+    proc, child = sleeping_stage(ws, {**env, "SEMIPRUNE_STAGE_SERVER": path})
     assert child != proc.pid
     proc.send_signal(sig)
     proc.communicate(timeout=30)
@@ -125,3 +130,13 @@ def test_the_server_ends_with_its_run_and_can_be_turned_off(tmp_path):
         servers = [p.pid for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] and path in p.info["cmdline"]]
         assert len(servers) == 1
     assert not folder.exists() and not pid_alive(servers[0])
+
+
+def test_a_forked_stage_killed_on_its_own_fails_its_stage_with_a_clear_error(server):
+    ws, path, env = server
+    proc, child = sleeping_stage(ws, {**env, "SEMIPRUNE_STAGE_SERVER": path})
+    os.kill(child, signal.SIGKILL)  # as the kernel's OOM killer would
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert err.splitlines()[-1] == ("error: tasks.probe ended without an exit status: its process (forked from "
+                                    "the stage server) was killed")
