@@ -127,7 +127,8 @@ def serve(path: str) -> None:
         try:
             conn.settimeout(10.0)
             request, fds = _receive(conn)
-            if request["executable"] != sys.executable or _import_time_env(request["env"]) != env:
+            if (request["executable"] != sys.executable or _import_time_env(request["env"]) != env
+                    or _cuda_initialized()):
                 conn.sendall(b"N")
                 continue
             if os.fork() == 0:
@@ -139,6 +140,13 @@ def serve(path: str) -> None:
             conn.close()
             for fd in fds:
                 os.close(fd)
+
+
+def _cuda_initialized() -> bool:
+    """Whether this process has started CUDA, which a forked child could not use. Importing torch
+    does not start it, and the server runs nothing else; this only keeps it so."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.cuda.is_initialized()
 
 
 def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
