@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from semiprune_core import report as fig
-from semiprune_core.io import atomic_path, read_metrics, read_parquet
+from semiprune_core.io import atomic_path, column_array, read_metrics, read_parquet
 
 from .audit_commands import load_audit
 
@@ -128,7 +128,7 @@ def build_report(ws: Path, project: Path | None = None) -> Path:
 
     table, meta = load_audit(ws)
     class_names = meta.get("class_names") or []
-    audit = {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names
+    audit = {name: column_array(table[name]) for name in table.column_names
              if name in ("sample_id", "target", "is_kept", "reason", "rank", "label_source", "pseudo_label",
                          "hidden_true_label") or name.endswith(("_aum", "_dual", "_el2n", "_forgetting"))}
     audit["reason"] = audit["reason"].astype(str)

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import DataError
+from .io import column_array
 from .selection.select import EASIER_IS_HIGHER
 from .selection.strategies import REASONS, auto_cutoff
 
@@ -56,7 +57,7 @@ def percentile(values: np.ndarray) -> np.ndarray:
 
 
 def _aligned(table: pa.Table, ids: np.ndarray, name: str) -> pa.Table:
-    if not np.array_equal(table["sample_id"].to_numpy(zero_copy_only=False), ids):
+    if not np.array_equal(column_array(table["sample_id"]), ids):
         raise DataError(f"the {name} table does not list the pool's samples in the manifest's order",
                         "re-run the pipeline (dvc repro)")
     return table
@@ -68,7 +69,7 @@ def audit_table(manifest: pa.Table, pseudo: pa.Table, scores: pa.Table, selectio
     import pyarrow.compute as pc
 
     pool = manifest.filter(pc.equal(manifest["split"], "train"))
-    ids = pool["sample_id"].to_numpy(zero_copy_only=False)
+    ids = column_array(pool["sample_id"])
     pseudo, scores, selection = (_aligned(t, ids, n) for t, n in ((pseudo, "pseudo-label"), (scores, "scores"),
                                                                     (selection, "selection")))
     label = pool["label"]
@@ -88,7 +89,7 @@ def audit_table(manifest: pa.Table, pseudo: pa.Table, scores: pa.Table, selectio
     for name in scores.column_names:
         if name.startswith(("oos_", "ins_")):
             columns[name] = scores[name]
-            columns[f"{name}_pct"] = pa.array(percentile(scores[name].to_numpy(zero_copy_only=False)), pa.float32())
+            columns[f"{name}_pct"] = pa.array(percentile(column_array(scores[name])), pa.float32())
     n = len(ids)
     columns |= {
         "strategy": pa.array([strategy] * n, pa.string()).dictionary_encode(),

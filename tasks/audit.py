@@ -17,7 +17,7 @@ from semiprune_core import __version__
 from semiprune_core.audit import COLUMNS, audit_table
 from semiprune_core.data.manifest import HIDDEN, MANIFEST, read_hidden_labels, read_manifest
 from semiprune_core.data.prepared import PREPARE_DIR
-from semiprune_core.io import read_table, sha256_file, table_meta, write_table
+from semiprune_core.io import column_array, read_table, sha256_file, table_meta, write_table
 
 from ._artifacts import AUDIT, PSEUDO_LABELS, SCORES, SELECTION, write_history
 from ._stage import StageContext, run_stage
@@ -69,7 +69,7 @@ def _class_counts(table, class_names: list[str]) -> None:
     import numpy as np
 
     target = table["target"].to_numpy().astype(np.int64)
-    kept = table["is_kept"].to_numpy(zero_copy_only=False)
+    kept = column_array(table["is_kept"])
     rows = [{"class": name, "kept": int((kept & (target == c)).sum()), "pruned": int((~kept & (target == c)).sum())}
             for c, name in enumerate(class_names)]
     write_history(CLASS_COUNTS, rows, ["class", "kept", "pruned"])

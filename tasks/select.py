@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from semiprune_core.errors import DataError
-from semiprune_core.io import atomic_path, read_table, table_meta, write_json, write_table
+from semiprune_core.io import atomic_path, column_array, read_table, table_meta, write_json, write_table
 from semiprune_core.seeding import rng
 from semiprune_core.selection import hardness, select
 from semiprune_core.selection.multistep import multistep_select
@@ -99,15 +99,15 @@ def select_stage(ctx: StageContext) -> None:
     base, s = ctx.params.base, ctx.params.select
     scores = read_table(SCORES, stage="scores")
     labels = read_table(PSEUDO_LABELS, columns=["sample_id", "target", "label_source"], stage="pseudo_label")
-    sample_ids = scores["sample_id"].to_numpy(zero_copy_only=False)
-    if not np.array_equal(labels["sample_id"].to_numpy(zero_copy_only=False), sample_ids):
+    sample_ids = column_array(scores["sample_id"])
+    if not np.array_equal(column_array(labels["sample_id"]), sample_ids):
         raise DataError(f"{SCORES} and {PSEUDO_LABELS} list different samples", "re-run the pipeline (dvc repro)")
     class_names = table_meta(labels).get("class_names")
     targets = labels["target"].to_numpy().astype(np.int64)
-    label_source = labels["label_source"].to_numpy(zero_copy_only=False)
+    label_source = column_array(labels["label_source"])
     if s.score not in scores.column_names:
         raise DataError(f"{SCORES} has no column {s.score!r}", "re-run the scores stage (dvc repro)")
-    score = scores[s.score].to_numpy(zero_copy_only=False).astype(np.float64)
+    score = column_array(scores[s.score]).astype(np.float64)
     options: dict = {"cutoff": s.cutoff_value, "strata": s.strata, "c_d": s.c_d}
     if s.strategy == "dual_beta":
         variant = s.score.split("_", 1)[0]

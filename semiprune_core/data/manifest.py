@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from ..config import Data
 from ..errors import DataError
-from ..io import read_table, write_table
+from ..io import column_array, read_table, write_table
 from ._common import from_fixed_binary, to_fixed_binary
 from .labeled import choose_labeled
 from .pool import UNLABELED, Pool
@@ -130,7 +130,7 @@ def read_images(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     if raw_shape is None or "image" not in table.column_names:
         raise DataError(f"{path} is not a semiprune images table (no image shape)", "re-run the prepare stage")
     images = from_fixed_binary(table["image"]).reshape(-1, *json.loads(raw_shape))
-    return table["sample_id"].to_numpy(zero_copy_only=False), images
+    return column_array(table["sample_id"]), images
 
 
 def hidden_table(pool: Pool) -> pa.Table:

@@ -28,7 +28,7 @@ from semiprune_core.data import (
     write_prepare_outputs,
 )
 from semiprune_core.errors import DataError
-from semiprune_core.io import read_parquet, read_table, table_meta
+from semiprune_core.io import column_array, read_parquet, read_table, table_meta
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 SYNTH = {
@@ -132,6 +132,23 @@ def test_tables_are_read_whole_with_their_metadata_without_pyarrows_dataset_laye
     # the dataset layer (and pandas, which it imports) cost every stage process ~0.2 s to load
     probe = "import sys; from semiprune_core.io import read_table; read_table(sys.argv[1]); print('pyarrow.dataset' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_columns_become_the_arrays_pyarrow_gives_without_importing_pandas(synth_pool, tmp_path):
+    write_prepare_outputs(synth_pool, tmp_path, meta={})
+    table = read_table(tmp_path / "manifest.parquet")
+    table = table.append_column("split_codes", table["split"].dictionary_encode())
+    for name in table.column_names:
+        got, want = column_array(table[name]), table[name].to_numpy(zero_copy_only=False)
+        assert got.dtype == want.dtype, name
+        np.testing.assert_array_equal(got, want, err_msg=name)  # missing labels (NaN) included
+    assert column_array(pa.chunked_array([], pa.string())).shape == (0,)
+    # pyarrow turns strings into numpy through pandas, importing it (~0.2 s) in every stage process
+    probe = ("import sys; from semiprune_core.data.prepared import load_prepared; from semiprune_core.io import "
+             "column_array, read_table; column_array(read_table(sys.argv[1])['sample_id']); print('pandas' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "manifest.parquet")], capture_output=True, text=True,
+                         check=True)
     assert out.stdout.strip() == "False"
 
 
