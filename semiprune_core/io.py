@@ -121,9 +121,8 @@ def read_parquet(source, *, columns: list[str] | None = None) -> pa.Table:
 def column_array(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A table column as a numpy array; strings (dictionary-encoded too) as an object array of ``str``.
 
-    Strings are built from Python values because pyarrow converts them through pandas, which it
-    imports where pandas is installed: 0.13-0.26 s of every stage process that read a sample id,
-    and 2.5x slower at ImageNet size (1.26M ids: 0.25 s, against 0.10 s this way)."""
+    Strings are built from Python values: pyarrow's ``to_numpy`` converts them through its pandas
+    layer, 2.5x slower at ImageNet size (1.26M sample ids: 0.25 s, against 0.10 s this way)."""
     kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):
         return np.array(column.to_pylist(), dtype=object)

@@ -2,7 +2,8 @@
 
 Importing torch costs every model stage about 1.1 s on two CPU cores before it does any work, more
 where its CUDA libraries load from a slow disk. During a flow run a *stage server* imports torch,
-numpy and pyarrow once and listens on a Unix socket (``SEMIPRUNE_STAGE_SERVER``). The stage process
+numpy, pyarrow and pandas (which pyarrow loads to turn any column into numpy) once and listens on
+a Unix socket (``SEMIPRUNE_STAGE_SERVER``). The stage process
 that DVC starts is then only a client: ``tasks/__init__.py`` hands the server its command line,
 working folder, environment and standard streams (the file descriptors themselves), the server
 forks a child that runs the stage module there exactly as ``python -m`` would, and the client exits
@@ -34,6 +35,9 @@ import threading
 
 ENV = "SEMIPRUNE_STAGE_SERVER"
 PRELOAD = ("torch", "numpy", "pyarrow.parquet", "yaml")
+# imported once the socket listens: a stage that connects meanwhile waits for them, which costs it
+# no more than importing them itself (pyarrow loads pandas, where installed, at its first to_numpy)
+LATE_PRELOAD = ("pandas",)
 PROJECT_PACKAGES = ("tasks", "semiprune_core", "flows")
 # variables a library reads when it is imported (or the process starts): a client that sets them
 # differently from the server is not forked from it
@@ -101,19 +105,17 @@ def delegate() -> None:
 
 
 def serve(path: str) -> None:
-    """Import :data:`PRELOAD`, listen on ``path``, and fork a child per stage until the parent ends.
+    """Import :data:`PRELOAD`, listen on ``path``, import :data:`LATE_PRELOAD`, and fork a child per
+    stage until the parent ends.
 
-    The socket appears only once the imports are done: a stage that starts before then starts cold
-    rather than waiting for them.
+    The socket appears only once torch is imported: a stage that starts before then starts cold
+    rather than waiting for it.
     """
-    for name in PRELOAD:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass
+    _preload(PRELOAD)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
+    _preload(LATE_PRELOAD)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the children
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent, env = os.getppid(), _import_time_env(dict(os.environ))
@@ -140,6 +142,14 @@ def serve(path: str) -> None:
             conn.close()
             for fd in fds:
                 os.close(fd)
+
+
+def _preload(names: tuple[str, ...]) -> None:
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # not installed: its stages import nothing of it either
+            pass
 
 
 def _cuda_initialized() -> bool:

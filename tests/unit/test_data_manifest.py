@@ -144,7 +144,7 @@ def test_columns_become_the_arrays_pyarrow_gives_without_importing_pandas(synth_
         assert got.dtype == want.dtype, name
         np.testing.assert_array_equal(got, want, err_msg=name)  # missing labels (NaN) included
     assert column_array(pa.chunked_array([], pa.string())).shape == (0,)
-    # pyarrow turns strings into numpy through pandas, importing it (~0.2 s) in every stage process
+    # pyarrow turns strings into numpy through its pandas layer (slower at scale), importing pandas
     probe = ("import sys; from semiprune_core.data.prepared import load_prepared; from semiprune_core.io import "
              "column_array, read_table; column_array(read_table(sys.argv[1])['sample_id']); print('pandas' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "manifest.parquet")], capture_output=True, text=True,
