@@ -10,7 +10,7 @@ import numpy as np
 from semiprune_core.data.manifest import HIDDEN, read_hidden_labels
 from semiprune_core.data.prepared import PREPARE_DIR, Prepared
 from semiprune_core.errors import DataError
-from semiprune_core.io import atomic_path, column_array, read_table
+from semiprune_core.io import atomic_path, read_table
 
 SSL_MODEL = Path("artifacts/ssl/model.pt")
 PSEUDO_LABELS = Path("artifacts/pseudo/pseudo_labels.parquet")
@@ -29,9 +29,9 @@ def load_targets(data: Prepared) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from the pseudo_label stage, aligned by sample_id."""
     train = np.flatnonzero(data.split == "train")
     table = read_table(PSEUDO_LABELS, columns=["sample_id", "target", "label_source"], stage="pseudo_label")
-    if not np.array_equal(column_array(table["sample_id"]), data.sample_ids[train]):
+    if not np.array_equal(table["sample_id"].to_numpy(zero_copy_only=False), data.sample_ids[train]):
         raise DataError(f"{PSEUDO_LABELS} does not list the manifest's train samples", "re-run pseudo_label (dvc repro)")
-    is_seed = column_array(table["label_source"]) == "human"
+    is_seed = table["label_source"].to_numpy(zero_copy_only=False) == "human"
     return train, table["target"].to_numpy().astype(np.int64), is_seed
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from semiprune_core.data.prepared import load_prepared
 from semiprune_core.errors import DataError
-from semiprune_core.io import column_array, read_table, write_json
+from semiprune_core.io import read_table, write_json
 from semiprune_core.models import create_model
 from semiprune_core.seeding import stream_seed
 from semiprune_core.training.engine import Schedule, SupervisedObjective, fit, predict
@@ -32,9 +32,9 @@ def evaluate_stage(ctx: StageContext) -> None:
     data = load_prepared()
     train, targets, is_seed = load_targets(data)
     selection = read_table(SELECTION, columns=["sample_id", "is_kept"], stage="select")
-    if not np.array_equal(column_array(selection["sample_id"]), data.sample_ids[train]):
+    if not np.array_equal(selection["sample_id"].to_numpy(zero_copy_only=False), data.sample_ids[train]):
         raise DataError(f"{SELECTION} does not list the manifest's train samples", "re-run select (dvc repro)")
-    kept = column_array(selection["is_kept"]).astype(bool)
+    kept = selection["is_kept"].to_numpy(zero_copy_only=False).astype(bool)
 
     source = "target"
     labels = targets

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from ..io import column_array, table_meta
+from ..io import table_meta
 from .manifest import IMAGES, MANIFEST, content_hashes, read_images, read_manifest
 from .pool import UNLABELED
 
@@ -47,7 +47,7 @@ def load_prepared(folder: str | Path = PREPARE_DIR, *, verify: bool = True) -> P
     folder = Path(folder)
     manifest = read_manifest(folder / MANIFEST)
     ids, images = read_images(folder / IMAGES)
-    sample_ids = column_array(manifest["sample_id"])
+    sample_ids = manifest["sample_id"].to_numpy(zero_copy_only=False)
     if len(ids) != len(sample_ids) or not np.array_equal(ids, sample_ids):
         raise DataError(f"{folder}: images and manifest list different samples", "re-run the prepare stage")
     if verify and content_hashes(images) != manifest["content_hash"].to_pylist():
@@ -58,9 +58,9 @@ def load_prepared(folder: str | Path = PREPARE_DIR, *, verify: bool = True) -> P
         raise DataError(f"{folder / MANIFEST} has no class names in its metadata", "re-run the prepare stage")
     return Prepared(
         sample_ids=sample_ids,
-        split=column_array(manifest["split"]),
+        split=manifest["split"].to_numpy(zero_copy_only=False),
         labels=labels,
-        is_labeled=column_array(manifest["is_labeled"]).astype(bool),
+        is_labeled=manifest["is_labeled"].to_numpy(zero_copy_only=False).astype(bool),
         images=images,
         classes=list(classes),
     )

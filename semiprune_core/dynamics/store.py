@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 
 from .. import __version__
 from ..errors import DataError
-from ..io import META_KEY, PARQUET_OPTIONS, _json_default, atomic_path, column_array, read_parquet, table_meta
+from ..io import META_KEY, PARQUET_OPTIONS, _json_default, atomic_path, read_parquet, table_meta
 
 #: The per-sample statistics, in the order they are stored (``correct`` as 0/1 in the scratch memmap).
 METRICS: tuple[str, ...] = ("target_prob", "margin", "loss", "entropy", "el2n", "correct")
@@ -199,7 +199,7 @@ def read_dynamics(path: str | os.PathLike, *, metrics: tuple[str, ...] = METRICS
         return col
 
     ids_col = column("sample_id")
-    sample_ids = column_array(ids_col)
+    sample_ids = ids_col.to_numpy()
     n = len(sample_ids)
     if n > 1 and not pc.all(pc.less(ids_col.slice(0, n - 1), ids_col.slice(1))).as_py():
         raise DataError(f"{path} is not sorted by unique sample_id", fix)
