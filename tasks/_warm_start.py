@@ -250,13 +250,21 @@ def _run_module(module: str) -> int:
 
 
 def _watch_client(conn: socket.socket) -> None:
-    """Raise each signal the client passes on; die when the client does (killed, nothing passed on)."""
+    """Raise each signal the client passes on; when the client dies (killed outright, nothing passed
+    on), kill this stage with the processes it started, as killing a cold stage's tree would."""
     while True:
         try:
             data = conn.recv(16)
         except OSError:
             data = b""
         if not data:
+            import psutil
+
+            for process in psutil.Process().children(recursive=True):
+                try:
+                    process.kill()
+                except psutil.Error:
+                    pass
             os.kill(os.getpid(), signal.SIGKILL)
         for signum in data:
             os.kill(os.getpid(), signum)

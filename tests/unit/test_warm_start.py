@@ -3,6 +3,7 @@ process DVC started, and falls back to a cold start whenever the server cannot t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -32,7 +33,11 @@ open("probe.pid", "w").write(str(os.getpid()))
 print("a line on stderr", file=sys.stderr)
 if sys.argv[1] == "raise":
     raise RuntimeError("the stage broke")
-time.sleep(float(sys.argv[2]) if len(sys.argv) > 2 else 0)
+if len(sys.argv) > 2:  # a long stage, with a process of its own
+    import subprocess
+    sub = subprocess.Popen(["sleep", sys.argv[2]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    open("probe.sub", "w").write(str(sub.pid))
+    time.sleep(float(sys.argv[2]))
 sys.exit(int(sys.argv[1]))
 """
 
@@ -62,9 +67,10 @@ def stage(ws: Path, env: dict, *args: str, **popen) -> subprocess.Popen:
 def sleeping_stage(ws: Path, env: dict) -> tuple[subprocess.Popen, int]:
     """A probe stage sleeping for a minute, and the pid of the process that runs it."""
     (ws / "probe.pid").unlink(missing_ok=True)
+    (ws / "probe.sub").unlink(missing_ok=True)
     proc = stage(ws, env, "0", "60")
     deadline = time.monotonic() + 60
-    while not (ws / "probe.pid").exists() or not (ws / "probe.pid").read_text():
+    while not (ws / "probe.sub").exists() or not (ws / "probe.sub").read_text():
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.05)
     return proc, int((ws / "probe.pid").read_text())
@@ -115,10 +121,14 @@ def test_a_signal_to_the_stage_process_ends_the_forked_stage(server, sig):
     proc.communicate(timeout=30)
     # Ctrl-C ends it as the stage's KeyboardInterrupt (exit 130); TERM and KILL as the signal itself
     assert proc.returncode == (130 if sig == signal.SIGINT else -sig)
+    # killed outright, as a timeout kills a stage's process tree: what the stage started goes too
+    gone = [child, int((ws / "probe.sub").read_text())] if sig == signal.SIGKILL else [child]
     deadline = time.monotonic() + 10
-    while pid_alive(child):
-        assert time.monotonic() < deadline, f"the forked stage outlived its process ({sig.name})"
+    while any(pid_alive(pid) for pid in gone):
+        assert time.monotonic() < deadline, f"the forked stage or its process outlived the stage ({sig.name})"
         time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):  # a stage ended by a signal leaves its own to itself
+        os.kill(int((ws / "probe.sub").read_text()), signal.SIGKILL)
 
 
 def test_the_server_ends_with_its_run_and_can_be_turned_off(tmp_path):
