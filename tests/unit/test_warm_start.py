@@ -98,8 +98,9 @@ def test_a_stage_the_server_cannot_take_starts_cold_with_the_same_result(server,
     env = {**env, "SEMIPRUNE_STAGE_SERVER": path, "PROBE": "x"}
     if how == "no server":
         env["SEMIPRUNE_STAGE_SERVER"] = str(ws / "missing.sock")
-    else:  # read when torch loads: a process forked from the server would not have it
-        env["OMP_NUM_THREADS"] = "1"
+    else:  # read when torch loads: a process forked from the server would not have it (any value but
+        # the server's, which a Dask cluster made earlier in this process may have set)
+        env["OMP_NUM_THREADS"] = str(int(env.get("OMP_NUM_THREADS") or 0) + 1)
     proc = stage(ws, env, "3")
     code, seen, err = report(proc)
     assert code == 3 and not seen["warm"] and seen["pid"] == proc.pid and seen["probe"] == "x"
