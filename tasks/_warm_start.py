@@ -24,6 +24,7 @@ Only the standard library is imported here: the client runs before any stage cod
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -78,10 +79,8 @@ def delegate() -> None:
 
     def forward(signum, _frame) -> None:
         received.append(signum)
-        try:
+        with contextlib.suppress(OSError):  # the child is gone already
             sock.sendall(bytes([signum]))
-        except OSError:
-            pass
 
     for signum in FORWARDED:
         signal.signal(signum, forward)
@@ -137,7 +136,7 @@ def serve(path: str) -> None:
                 listener.close()
                 _child(conn, request, fds)  # never returns
         except (OSError, ValueError, KeyError):
-            pass
+            pass  # a client that went away or sent no request: nothing was started for it
         finally:
             conn.close()
             for fd in fds:
@@ -146,10 +145,8 @@ def serve(path: str) -> None:
 
 def _preload(names: tuple[str, ...]) -> None:
     for name in names:
-        try:
+        with contextlib.suppress(ImportError):  # not installed: its stages import nothing of it either
             importlib.import_module(name)
-        except ImportError:  # not installed: its stages import nothing of it either
-            pass
 
 
 def _cuda_initialized() -> bool:
@@ -191,14 +188,10 @@ def _child(conn: socket.socket, request: dict, fds: list[int]) -> None:
         code = _run_module(request["module"])
     finally:
         for stream in (sys.stdout, sys.stderr):
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 stream.flush()
-            except (OSError, ValueError):
-                pass
-        try:
+        with contextlib.suppress(OSError):  # a client that is gone needs no exit code
             conn.sendall(_CODE.pack(code))
-        except OSError:
-            pass
         os._exit(code)
 
 
@@ -218,11 +211,9 @@ def _become(request: dict, fds: list[int]) -> None:
         del sys.modules[name]
     sys.path[0] = request["cwd"]  # where `python -m` looks first
     sys.argv = [request["module"], *request["argv"]]
-    try:  # `top` and `ps -o comm` show the stage, not the server it was forked from
-        with open("/proc/self/comm", "w") as comm:
-            comm.write(request["module"].removeprefix("tasks.")[:15])
-    except OSError:
-        pass
+    # `top` and `ps -o comm` show the stage, not the server it was forked from
+    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
+        comm.write(request["module"].removeprefix("tasks.")[:15])
     for stream, fd in ((sys.stdout, 1), (sys.stderr, 2)):
         stream.reconfigure(line_buffering=fd == 2 or os.isatty(fd),
                            write_through=bool(request["env"].get("PYTHONUNBUFFERED")))
@@ -261,10 +252,8 @@ def _watch_client(conn: socket.socket) -> None:
             import psutil
 
             for process in psutil.Process().children(recursive=True):
-                try:
+                with contextlib.suppress(psutil.Error):
                     process.kill()
-                except psutil.Error:
-                    pass
             os.kill(os.getpid(), signal.SIGKILL)
         for signum in data:
             os.kill(os.getpid(), signum)
