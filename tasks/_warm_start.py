@@ -50,7 +50,7 @@ _CODE = struct.Struct("!i")
 
 
 def _import_time_env(env: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in env.items() if k.startswith(IMPORT_TIME_PREFIXES) and k != ENV}
+    return {k: v for k, v in env.items() if k.startswith(IMPORT_TIME_PREFIXES)}
 
 
 # --- the client: the process DVC started -------------------------------------------------------------
