@@ -60,6 +60,7 @@ def stage_graph(workspace: Path) -> list[Stage]:
     """
     if not (workspace / ".dvc").is_dir():  # not a parent's repository either: this folder must be one
         raise ConfigError(f"{workspace} is not a DVC repository", "run from the project root (or `dvc init` there)")
+    _check_lockfile(workspace / "dvc.lock")
     key = _graph_key(workspace)
     cache = workspace / GRAPH_CACHE
     if key is not None and cache.exists():
@@ -74,6 +75,25 @@ def stage_graph(workspace: Path) -> list[Stage]:
         with atomic_path(cache) as tmp:
             tmp.write_text(json.dumps({"key": key, "stages": [asdict(s) for s in stages]}))
     return stages
+
+
+def _check_lockfile(lock: Path) -> None:
+    """One error for a dvc.lock that is empty or no YAML mapping, where DVC would fail every stage
+    with "required key not provided, in schema". A plain ``dvc`` killed while writing it leaves it
+    so (the flow's own DVC processes replace it whole: ``flows/dvc_cli.py``), as does a merge left
+    unresolved."""
+    import yaml
+
+    try:
+        data = yaml.load(lock.read_bytes(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except FileNotFoundError:
+        return
+    except (OSError, yaml.YAMLError):
+        data = None
+    if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
+        raise ConfigError(f"{lock} is empty or damaged (a DVC process killed while writing it, or an unresolved merge)",
+                          f"move it aside (mv {lock} {lock}.damaged) and run again: DVC restores every stage its "
+                          "run-cache holds instead of running it")
 
 
 def _graph_key(workspace: Path) -> str | None:

@@ -218,3 +218,67 @@ def test_outcome_of_reads_dvc_messages():
     assert outcome_of("score@0", ["Stage 'score@0' didn't change, skipping"]) == "unchanged"
     assert outcome_of("score@0", ["Stage 'score@0' is cached - skipping run, checking out outputs"]) == "restored"
     assert outcome_of("score@0", ["Running stage 'score@1':"]) == "unknown"
+
+
+def test_a_dvc_killed_while_recording_a_stage_leaves_dvc_lock_whole_and_the_rerun_records_it(repo, tmp_path):
+    import signal
+
+    import yaml
+
+    from flows.stages import DVC_WAITING
+
+    assert run_stage(repo, "a", env=env()).outcome == "ran"
+    before = (repo / "dvc.lock").read_text()
+    marker = tmp_path / "halted"
+    halt = {**env(), "SEMIPRUNE_HALT_AT": "write:dvc.lock", "SEMIPRUNE_HALT_FILE": str(marker)}
+    proc = subprocess.Popen([*DVC_WAITING, "repro", "--single-item", "b@0"], cwd=repo, env=halt,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not marker.exists():  # DVC's plain write would empty dvc.lock here and have no such point
+        assert proc.poll() is None and time.monotonic() < deadline, "DVC never reached its dvc.lock write"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (repo / "dvc.lock").read_text() == before  # the old record, whole
+    assert [p.name for p in repo.glob(".dvc.lock.*.tmp")] == [f".dvc.lock.{proc.pid}.tmp"]
+    assert run_stage(repo, "b@0", env=env()).outcome in ("ran", "restored")
+    assert set(yaml.safe_load((repo / "dvc.lock").read_text())["stages"]) == {"a", "b@0"}
+    assert not list(repo.glob(".dvc.lock.*.tmp"))  # the dead writer's file went with the next write
+
+
+def test_the_flows_dvc_processes_write_dvc_lock_through_a_rename():
+    # in a process of its own: the patch changes DVC for the rest of the process it runs in
+    code = """
+import os, sys, tempfile
+from flows.dvc_cli import write_dvc_files_atomically
+from dvc.utils.serialize import dump_yaml, modify_yaml
+assert write_dvc_files_atomically() and write_dvc_files_atomically()
+folder = tempfile.mkdtemp()
+path = os.path.join(folder, "dvc.lock")
+dump_yaml(path, {"schema": "2.0", "stages": {"a": {"cmd": "one"}}})
+with modify_yaml(path) as data:
+    data["stages"]["a"]["cmd"] = "two"
+try:
+    dump_yaml(path, {"schema": "2.0", "stages": {"a": object()}})  # fails halfway through the YAML
+except Exception:
+    pass
+print(repr(open(path).read()), sorted(os.listdir(folder)), oct(os.stat(path).st_mode & 0o777))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == "\"schema: '2.0'\\nstages:\\n  a:\\n    cmd: two\\n\" ['dvc.lock'] " + oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("text", ["", "stages: [a, b\n", "- a list\n", "stages: [a]\n"])
+def test_an_empty_or_damaged_dvc_lock_is_one_error_naming_the_file_and_the_fix(repo, text):
+    (repo / "dvc.lock").write_text(text)
+    with pytest.raises(ConfigError, match=r"dvc\.lock is empty or damaged .*mv .*dvc\.lock.* run-cache"):
+        stage_graph(repo)
