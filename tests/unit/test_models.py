@@ -114,3 +114,63 @@ def test_fastcnn_pools_with_the_inference_pool():
 
     model = create_model("fastcnn", in_channels=1, num_classes=10, image_size=28)
     assert sum(isinstance(m, MaxPool2) for m in model.modules()) == 3
+
+
+def _bf16_training_pass(conv: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward and backward under CPU bf16 autocast: (output, input gradient); the weight's lands in conv."""
+    x = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+    y.float().backward(grad)
+    return y, x.grad
+
+
+@pytest.mark.parametrize("size", [(3, 3), (2, 3), (1, 1)])
+def test_fastcnn_small_map_convs_train_with_torchs_values_and_gradients(size):
+    from semiprune_core.models.fastcnn import SMALL_MAP_MIN_WORK, Conv3x3
+
+    gen = torch.Generator().manual_seed(0)
+    batch = SMALL_MAP_MIN_WORK // (32 * 64) + 1
+    conv, ref = Conv3x3(32, 64), nn.Conv2d(32, 64, 3, padding=1, bias=False)
+    ref.load_state_dict(conv.state_dict())
+    x = torch.randn(batch, 32, *size, generator=gen).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(batch, 64, *size, generator=gen).bfloat16().float()
+    y, gx = _bf16_training_pass(conv, x, grad)
+    y_ref, gx_ref = _bf16_training_pass(ref, x, grad)
+    assert y.grad_fn.name() == "_SmallMapConvBackward"  # the matrix-product path ran
+    assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)  # oneDNN's forward and input gradient
+    # the weight gradient against float64 from the same bf16-rounded operands: bf16 rounding, no more
+    x64 = x.bfloat16().double()
+    w64 = conv.weight.detach().bfloat16().double().requires_grad_(True)
+    torch.nn.functional.conv2d(x64, w64, padding=1).backward(grad.double())
+    exact = w64.grad
+    for got in (conv.weight.grad, ref.weight.grad):
+        assert got.shape == exact.shape and float((got.double() - exact).norm() / exact.norm()) < 4e-3
+
+
+def test_fastcnn_convs_are_torchs_outside_small_bf16_cpu_training():
+    from semiprune_core.models.fastcnn import SMALL_MAP_MIN_WORK, Conv3x3
+
+    conv = Conv3x3(32, 64)
+    big = SMALL_MAP_MIN_WORK // (32 * 64) + 1
+    cases = {  # what each case leaves out: the path needs all of them
+        "larger map": (torch.randn(big, 32, 4, 4), True),
+        "small layer": (torch.randn(4, 32, 3, 3), True),
+        "fp32": (torch.randn(big, 32, 3, 3), False),
+    }
+    for name, (x, bf16) in cases.items():
+        x.requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = conv(x)
+        assert y.grad_fn.name() == "ConvolutionBackward0", name
+    x = torch.randn(big, 32, 3, 3)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(conv(x), nn.functional.conv2d(x.bfloat16(), conv.weight.bfloat16(), padding=1))
+
+
+def test_fastcnn_builds_its_convs_from_the_small_map_conv():
+    from semiprune_core.models.fastcnn import Conv3x3
+
+    model = create_model("fastcnn", in_channels=1, num_classes=10, image_size=28)
+    assert sum(isinstance(m, Conv3x3) for m in model.modules()) == 4
+    assert [k for k in model.state_dict() if k.endswith("weight")][0] == "body.0.weight"  # saved models still load
