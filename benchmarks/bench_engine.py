@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import _checkout  # noqa: F401,E402  (first: this checkout's code, not the installed package's)
 from semiprune_core.allocator import keep_freed_memory
 from semiprune_core.compat import import_torchvision
 from semiprune_core.data.idx import read_idx

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _checkout  # noqa: F401,E402  (first: this checkout's code, not the installed package's)
 from bench_engine import load_fashion  # noqa: E402
 
 from semiprune_core.allocator import keep_freed_memory  # noqa: E402

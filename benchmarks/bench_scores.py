@@ -34,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _checkout  # noqa: F401,E402  (first: this checkout's code, not the installed package's)
 import numpy as np
 
 HERE = Path(__file__).resolve()

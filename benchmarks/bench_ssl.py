@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import _checkout  # noqa: F401,E402  (first: this checkout's code, not the installed package's)
 from semiprune_core.config import Data
 from semiprune_core.data import build_pool
 from semiprune_core.models import create_model
