@@ -18,6 +18,8 @@ import os
 import sys
 from pathlib import Path
 
+from .pids import pid_alive
+
 POLL_SECONDS = 0.05
 
 
@@ -28,16 +30,6 @@ def poll_lock_often() -> None:
     import dvc.lock
 
     dvc.lock.DEFAULT_TIMEOUT = POLL_SECONDS * 6
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's
-        return True
-    return True
 
 
 def write_dvc_files_atomically() -> bool:
@@ -90,7 +82,7 @@ def write_dvc_files_atomically() -> bool:
                 tmp.unlink()
         for stale in target.parent.glob(f".{target.name}.*.tmp"):  # a killed writer's
             pid = stale.name[len(target.name) + 2:-len(".tmp")]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 stale.unlink(missing_ok=True)
 
     dump_data.atomic = True

@@ -27,6 +27,8 @@ from semiprune_core.config import apply_overrides, merge, read_yaml, validate
 from semiprune_core.errors import ConfigError, WorkspaceBusy
 from semiprune_core.io import atomic_path
 
+from .pids import pid_alive
+
 PROFILES = "profiles"
 RUNS = "runs"
 # Top-level entries a run workspace owns itself instead of linking to the project's.
@@ -75,20 +77,6 @@ def dvc(args: list[str], *, cwd: Path, project: Path, check: bool = True, captur
         detail = (proc.stderr or "").strip().splitlines()[-1:] if capture else []
         raise subprocess.CalledProcessError(proc.returncode, ["dvc", *args], output=proc.stdout, stderr="\n".join(detail))
     return proc
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` is a running process (a zombie, killed but not yet reaped, is not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # Linux: the state letter follows the parenthesised command name
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def clear_stale_dvc_locks(ws: Path) -> list[int]:

@@ -258,10 +258,12 @@ path = os.path.join(folder, "dvc.lock")
 dump_yaml(path, {"schema": "2.0", "stages": {"a": {"cmd": "one"}}})
 with modify_yaml(path) as data:
     data["stages"]["a"]["cmd"] = "two"
+failed = False
 try:
     dump_yaml(path, {"schema": "2.0", "stages": {"a": object()}})  # fails halfway through the YAML
 except Exception:
-    pass
+    failed = True
+assert failed
 print(repr(open(path).read()), sorted(os.listdir(folder)), oct(os.stat(path).st_mode & 0o777))
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True,
