@@ -95,9 +95,14 @@ def test_seeded_init_is_reproducible_and_leaves_global_rng_alone():
 @pytest.mark.parametrize("size", [(28, 28), (7, 7), (14, 9)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_fastcnn_inference_pool_gives_torchs_max_pool_bit_for_bit(size, dtype, layout):
+@pytest.mark.parametrize("native_kernel", [True, False])
+def test_fastcnn_pool_gives_torchs_max_pool_bit_for_bit(size, dtype, layout, native_kernel, monkeypatch):
+    """Native kernel or (where it does not apply) strided views in inference and torch's kernel in training."""
+    from semiprune_core.kernels import maxpool2
     from semiprune_core.models.fastcnn import MaxPool2
 
+    if not native_kernel:
+        monkeypatch.setattr(maxpool2, "applies", lambda x: False)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, *size, generator=gen).mul(2).round().to(dtype)  # rounded: many ties in a window
     x[0, 0, 0, 0], x[1, 2, 3, 3] = float("nan"), float("-inf")
@@ -105,8 +110,9 @@ def test_fastcnn_inference_pool_gives_torchs_max_pool_bit_for_bit(size, dtype, l
     with torch.no_grad():
         got = MaxPool2()(x)
     assert torch.equal(got.nan_to_num(), nn.MaxPool2d(2)(x).nan_to_num()) and got.isnan().sum() == 1
-    x.requires_grad_(True)  # training: torch's kernel, so the gradient reaches the same elements
-    assert MaxPool2()(x).grad_fn.name() == nn.MaxPool2d(2)(x).grad_fn.name()
+    x.requires_grad_(True)  # training: the gradient reaches the same elements
+    grad = torch.randn(got.shape, generator=gen).to(dtype)
+    assert torch.equal(torch.autograd.grad(MaxPool2()(x), x, grad)[0], torch.autograd.grad(nn.MaxPool2d(2)(x), x, grad)[0])
 
 
 def test_fastcnn_pools_with_the_inference_pool():

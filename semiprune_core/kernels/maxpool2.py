@@ -1,0 +1,74 @@
+"""2x2 max-pooling (stride 2) of channels-last CPU tensors through ``maxpool2.c``: torch's bits, faster.
+
+``max_pool2(x)`` equals ``F.max_pool2d(x, 2)`` bit for bit, forward and backward, including ties
+(the first maximum in row-major order takes the gradient) and NaNs, for every ``x`` that
+:func:`applies`. It keeps a one-byte index of each window's maximum instead of torch's int64, and
+its backward writes the input gradient in one pass instead of a zero-fill and a scatter; without
+autograd it keeps no index at all.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import Tensor
+
+from . import load
+
+_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _library() -> ctypes.CDLL | None:
+    lib = load("maxpool2")
+    if lib is not None and lib.maxpool2_forward.argtypes is None:
+        sizes = [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_int]
+        lib.maxpool2_forward.argtypes = [ctypes.c_void_p] * 3 + sizes
+        lib.maxpool2_backward.argtypes = [ctypes.c_void_p] * 3 + sizes
+        lib.maxpool2_forward.restype = lib.maxpool2_backward.restype = None
+    return lib
+
+
+def applies(x: Tensor) -> bool:
+    """A 4-d bf16/fp32 CPU tensor in channels_last, at least 2x2, outside ``torch.compile``, on a
+    machine where the kernel was built."""
+    return (x.device.type == "cpu" and x.dtype in _DTYPES and x.dim() == 4 and x.shape[-2] >= 2 and x.shape[-1] >= 2
+            and x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling()
+            and _library() is not None)
+
+
+def _pool(x: Tensor, keep_index: bool) -> tuple[Tensor, Tensor | None]:
+    n, c, h, w = x.shape
+    y = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, memory_format=torch.channels_last)
+    index = torch.empty((n, h // 2, w // 2, c), dtype=torch.uint8) if keep_index else None
+    _library().maxpool2_forward(x.data_ptr(), y.data_ptr(), None if index is None else index.data_ptr(),
+                                n, h, w, c, x.dtype == torch.bfloat16, torch.get_num_threads())
+    return y, index
+
+
+class _MaxPool2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        y, index = _pool(x, keep_index=True)
+        ctx.save_for_backward(index)
+        ctx.input_shape = x.shape
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (index,) = ctx.saved_tensors
+        n, c, h, w = ctx.input_shape
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        grad_x = torch.empty((n, c, h, w), dtype=grad.dtype, memory_format=torch.channels_last)
+        _library().maxpool2_backward(grad.data_ptr(), index.data_ptr(), grad_x.data_ptr(),
+                                     n, h, w, c, grad.dtype == torch.bfloat16, torch.get_num_threads())
+        return grad_x
+
+
+def max_pool2(x: Tensor) -> Tensor:
+    """``F.max_pool2d(x, 2)`` of an ``x`` that :func:`applies`."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _MaxPool2.apply(x)
+    return _pool(x, keep_index=False)[0]
+
