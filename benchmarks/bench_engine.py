@@ -19,7 +19,9 @@
 
     python benchmarks/bench_engine.py [--budget-seconds 120] [--models fastcnn_s fastcnn] [--json out.json]
 
-The process keeps freed memory as the stage processes do (:mod:`semiprune_core.allocator`). On a GPU
+The process keeps freed memory as the stage processes do (:mod:`semiprune_core.allocator`);
+``SEMIPRUNE_NATIVE=0`` measures without the native CPU kernels (:mod:`semiprune_core.kernels`;
+``machine.native_kernels`` in the JSON says which ran). On a GPU
 every timing ends with ``torch.cuda.synchronize()``. Threads: torch's default (all cores) unless
 ``--threads`` is given. Timings on a shared machine are noisy; compare ratios measured in one run.
 ``--widths``, ``--depth`` and ``--stem`` measure other fastcnn shapes (accuracy part).
@@ -43,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 import _checkout  # noqa: F401,E402  (first: this checkout's code, not the installed package's)
+from semiprune_core import kernels
 from semiprune_core.allocator import keep_freed_memory
 from semiprune_core.compat import import_torchvision
 from semiprune_core.data.idx import read_idx
@@ -338,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     x_train, y_train, x_test, y_test = load_fashion(args.data)
     report: dict = {
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
-                    "keeps_freed_memory": kept,
+                    "keeps_freed_memory": kept, "native_kernels": kernels.load("maxpool2") is not None,
                     **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {})},
         "load_seconds": time.perf_counter() - t0,
     }

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _checkout  # noqa: F401,E402  (first: this checkout's code, not the installed package's)
 from bench_engine import load_fashion  # noqa: E402
 
+from semiprune_core import kernels  # noqa: E402
 from semiprune_core.allocator import keep_freed_memory  # noqa: E402
 from semiprune_core.data.folds import assign_folds  # noqa: E402
 from semiprune_core.dynamics import DynamicsRecorder  # noqa: E402
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     images, targets = x.numpy(), y.numpy()
     everyone, nobody = np.arange(len(images)), np.array([], np.int64)
     report: dict = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
-                                "threads": torch.get_num_threads(), "keeps_freed_memory": kept},
+                                "threads": torch.get_num_threads(), "keeps_freed_memory": kept,
+                                "native_kernels": kernels.load("maxpool2") is not None},
                     "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "n": len(images)}
     with tempfile.TemporaryDirectory() as tmp:
         one = train(args, images, targets, everyone, nobody, Path(tmp) / "one")
