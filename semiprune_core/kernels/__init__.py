@@ -46,10 +46,21 @@ def _cpu_identity() -> str:
     return "\n".join(next((line for line in lines if line.startswith(key)), "") for key in ("model name", "flags"))
 
 
+def _build(compiler: str, source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        subprocess.run([compiler, *FLAGS, str(source), "-o", str(tmp)], check=True, capture_output=True, text=True,
+                       timeout=120)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 @functools.cache
 def load(name: str) -> ctypes.CDLL | None:
-    """The library built from ``<name>.c`` (built now if this machine has none), or None with the
-    reason logged once."""
+    """The library built from ``<name>.c`` (built now if this machine has none, again if the cached
+    one is damaged), or None with the reason logged once."""
     if not enabled():
         return None
     source = Path(__file__).with_name(f"{name}.c")
@@ -60,15 +71,13 @@ def load(name: str) -> ctypes.CDLL | None:
     target = cache_dir() / f"{name}-{key}.so"
     try:
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            try:
-                subprocess.run([compiler, *FLAGS, str(source), "-o", str(tmp)], check=True, capture_output=True,
-                               text=True, timeout=120)
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
-        return ctypes.CDLL(str(target))
+            _build(compiler, source, target)
+        try:
+            return ctypes.CDLL(str(target))
+        except OSError as e:
+            logger.info("native kernel %s: the cached %s does not load (%s); building it again", name, target, e)
+            _build(compiler, source, target)
+            return ctypes.CDLL(str(target))
     except subprocess.CalledProcessError as e:
         reason = f"{compiler} failed: {(e.stderr or '').strip().splitlines()[-1:] or e}"
     except (OSError, subprocess.SubprocessError) as e:

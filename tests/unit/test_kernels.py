@@ -109,6 +109,20 @@ def test_a_kernel_is_built_once_per_machine_and_then_reused(monkeypatch, tmp_pat
     assert _load_fresh(monkeypatch, tmp_path) is not None
 
 
+@needs_compiler
+def test_a_damaged_library_in_the_cache_is_built_again(tmp_path):
+    # each load in a fresh process: a process that already loaded the library gets dlopen's handle back
+    code = "from semiprune_core import kernels; assert kernels.load('maxpool2').maxpool2_forward"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    (built,) = (tmp_path / "semiprune/kernels").iterdir()
+    damaged = tmp_path / "damaged"
+    damaged.write_bytes(b"not a shared library")
+    os.replace(damaged, built)  # a new file, as a failed copy would leave it
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    assert built.read_bytes()[:4] == b"\x7fELF"
+
+
 def test_without_a_compiler_the_reason_is_logged_and_torchs_kernel_runs(monkeypatch, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="semiprune_core.kernels"):
         assert _load_fresh(monkeypatch, tmp_path, CC=str(tmp_path / "no-such-cc"), SEMIPRUNE_NATIVE="1") is None
