@@ -71,4 +71,3 @@ def max_pool2(x: Tensor) -> Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         return _MaxPool2.apply(x)
     return _pool(x, keep_index=False)[0]
-
