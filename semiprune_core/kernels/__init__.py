@@ -9,7 +9,9 @@ Build: ``$CC`` (default ``cc``) with ``-O3 -march=native -shared -fPIC -fopenmp`
 ``$XDG_CACHE_HOME/semiprune/kernels`` (default ``~/.cache/...``) under a name hashed from the
 source, the command and the CPU (``-march=native`` code may not run on another CPU that shares the
 cache). A build is written under a temporary name and renamed, so processes that build at once
-(concurrent fold stages) never load a half-written library.
+(concurrent fold stages) never load a half-written library. A cache folder that another user owns
+or may write is refused (torch's kernels run instead): a library planted there would run in every
+training process.
 """
 
 from __future__ import annotations
@@ -46,8 +48,16 @@ def _cpu_identity() -> str:
     return "\n".join(next((line for line in lines if line.startswith(key)), "") for key in ("model name", "flags"))
 
 
+def _check_private(folder: Path) -> None:
+    """Refuse a cache folder that another user owns or may write: a library planted there would run
+    inside every training process."""
+    st = folder.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise OSError(f"{folder} is not private to this user (owner uid {st.st_uid}, mode {st.st_mode & 0o777:o}); "
+                      f"run chmod 700 on it or point XDG_CACHE_HOME elsewhere")
+
+
 def _build(compiler: str, source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         subprocess.run([compiler, *FLAGS, str(source), "-o", str(tmp)], check=True, capture_output=True, text=True,
@@ -70,6 +80,8 @@ def load(name: str) -> ctypes.CDLL | None:
     )).hexdigest()[:20]
     target = cache_dir() / f"{name}-{key}.so"
     try:
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _check_private(target.parent)
         if not target.exists():
             _build(compiler, source, target)
         try:

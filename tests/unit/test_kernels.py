@@ -131,6 +131,16 @@ def test_without_a_compiler_the_reason_is_logged_and_torchs_kernel_runs(monkeypa
     assert _load_fresh(monkeypatch, tmp_path, CC="/bin/false") is None  # a compiler that fails
 
 
+def test_a_cache_folder_others_may_write_is_refused(monkeypatch, tmp_path, caplog):
+    folder = tmp_path / "cache/semiprune/kernels"
+    folder.mkdir(parents=True)
+    folder.chmod(0o777)
+    with caplog.at_level(logging.INFO, logger="semiprune_core.kernels"):
+        assert _load_fresh(monkeypatch, tmp_path, SEMIPRUNE_NATIVE="1") is None
+    assert "is not private to this user" in caplog.text and "chmod 700" in caplog.text
+    assert list(folder.iterdir()) == []  # nothing built, nothing loaded from there
+
+
 def test_semiprune_native_0_turns_the_kernels_off(monkeypatch, tmp_path):
     assert _load_fresh(monkeypatch, tmp_path, SEMIPRUNE_NATIVE="0") is None
     assert not (tmp_path / "cache/semiprune").exists()
