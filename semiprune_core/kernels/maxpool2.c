@@ -10,7 +10,6 @@
  *
  * Work is split over output rows (forward) or images (backward) between `threads` OpenMP threads.
  */
-#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
