@@ -1,17 +1,17 @@
 """Native CPU kernels: C sources in this package, compiled once per machine, called through ctypes.
 
-A kernel here exists only where a profile showed torch's CPU kernel as a large share of a training
-step, and it computes the same bits as torch's: callers fall back to torch where none can be built
-(no C compiler, a read-only cache, a failed build) or where ``SEMIPRUNE_NATIVE=0`` turns them off,
-and only speed changes.
+A kernel here exists only where a profile showed torch's CPU kernels as a large share of a training
+step. ``maxpool2`` computes torch's bits; ``conv_pool`` (a first conv fused with its pool) computes
+torch's values up to the order of fp32 sums. Callers fall back to torch where none can be built (no
+C compiler, a read-only cache, a failed build) or where ``SEMIPRUNE_NATIVE=0`` turns them off.
 
-Build: ``$CC`` (default ``cc``) with ``-O3 -march=native -shared -fPIC -fopenmp``, about 0.4 s, into
-``$XDG_CACHE_HOME/semiprune/kernels`` (default ``~/.cache/...``) under a name hashed from the
-source, the command and the CPU (``-march=native`` code may not run on another CPU that shares the
-cache). A build is written under a temporary name and renamed, so processes that build at once
-(concurrent fold stages) never load a half-written library. A cache folder that another user owns
-or may write is refused (torch's kernels run instead): a library planted there would run in every
-training process.
+Build: ``$CC`` (default ``cc``) with :data:`FLAGS` (``-O3 -march=native -fopenmp`` ...), about 0.5 s,
+into ``$XDG_CACHE_HOME/semiprune/kernels`` (default ``~/.cache/...``) under a name hashed from the
+source and the headers it may include, the command and the CPU (``-march=native`` code may not run
+on another CPU that shares the cache). A build is written under a temporary name and renamed, so
+processes that build at once (concurrent fold stages) never load a half-written library. A cache
+folder that another user owns or may write is refused (torch's kernels run instead): a library
+planted there would run in every training process.
 """
 
 from __future__ import annotations
@@ -27,16 +27,34 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp")
+#: -mprefer-vector-width=256: gcc 12 auto-vectorises with 512-bit registers on AMD CPUs with AVX-512,
+#: where maxpool2's forward then ran 9x slower than with 256 (Intel's tuning already prefers 256).
+#: Explicit vector types (conv_pool.c) still use 512-bit registers where the CPU has them.
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=256", "-shared", "-fPIC", "-fopenmp")
 
 
-def enabled() -> bool:
-    """False when ``SEMIPRUNE_NATIVE=0``: every caller then uses torch's kernels (for A/B timings)."""
-    return os.environ.get("SEMIPRUNE_NATIVE", "1") != "0"
+def enabled(name: str | None = None) -> bool:
+    """Whether kernel ``name`` (any kernel, for None) may run. ``SEMIPRUNE_NATIVE``: unset or ``1``
+    all, ``0`` none (torch's kernels, for A/B timings), or a comma-separated list of names such as
+    ``maxpool2`` (to time one kernel's share)."""
+    value = os.environ.get("SEMIPRUNE_NATIVE", "1").strip()
+    if value in ("1", ""):
+        return True
+    names = {v.strip() for v in value.split(",")} - {"0"}
+    return bool(names) if name is None else name in names
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "semiprune" / "kernels"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for benchmark reports: kernels' speed depends on it."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
 
 
 def _cpu_identity() -> str:
@@ -67,18 +85,23 @@ def _build(compiler: str, source: Path, target: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def build_key(source: Path, compiler: str) -> str:
+    """What names a build: the source, every header beside it, the command and the CPU."""
+    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]
+    return hashlib.sha256(b"\0".join(
+        [source.read_bytes(), *headers, compiler.encode(), " ".join(FLAGS).encode(), platform.machine().encode(), _cpu_identity().encode()]
+    )).hexdigest()[:20]
+
+
 @functools.cache
 def load(name: str) -> ctypes.CDLL | None:
     """The library built from ``<name>.c`` (built now if this machine has none, again if the cached
     one is damaged), or None with the reason logged once."""
-    if not enabled():
+    if not enabled(name):
         return None
     source = Path(__file__).with_name(f"{name}.c")
     compiler = os.environ.get("CC", "cc")
-    key = hashlib.sha256(b"\0".join(
-        [source.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(), platform.machine().encode(), _cpu_identity().encode()]
-    )).hexdigest()[:20]
-    target = cache_dir() / f"{name}-{key}.so"
+    target = cache_dir() / f"{name}-{build_key(source, compiler)}.so"
     try:
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         _check_private(target.parent)
@@ -96,3 +119,12 @@ def load(name: str) -> ctypes.CDLL | None:
         reason = str(e)
     logger.info("native kernel %s unavailable (%s); using torch's kernel, which is slower", name, reason)
     return None
+
+
+#: every kernel in this package
+NAMES = ("maxpool2", "conv_pool")
+
+
+def available() -> list[str]:
+    """The kernels that run in this process (built, and not turned off): for benchmark reports."""
+    return [name for name in NAMES if load(name) is not None]

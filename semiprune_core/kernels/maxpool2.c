@@ -8,10 +8,12 @@
  * it; here the index is one byte, and the backward writes every element of the input gradient
  * once: one pass over memory where torch's makes two.
  *
- * Work is split over output rows (forward) or images (backward) between `threads` OpenMP threads.
+ * Work is split over output rows (forward) or images (backward) between OpenMP threads (parallel.h).
  */
 #include <stdint.h>
 #include <string.h>
+
+#include "parallel.h"
 
 typedef struct {
     const void *in;  /* forward: x (N, H, W, C); backward: grad of y (N, H/2, W/2, C) */
@@ -114,23 +116,14 @@ static void forward_f32_values(const job *j) { forward_rows(j, 0, 0); }
 BACKWARD(backward_16, uint16_t)
 BACKWARD(backward_32, uint32_t)
 
-/* Input elements a thread must have to pay for handing it work: 256 x 32 x 7 x 7 bf16 (401k)
- * pooled 1.6x faster on two threads than on one. */
-#define MIN_PER_THREAD (1 << 17)
-
-/* Runs `fn` over [0, total) in up to `threads` contiguous parts on OpenMP's threads, one part per
- * MIN_PER_THREAD of the `elements` at most. Loaded into a process that runs torch, the library
- * binds to torch's libgomp (the same soname), so these are torch's own intra-op threads: no
- * second pool competes with them for the cores. */
+/* Runs `fn` over [0, total) in contiguous parts on OpenMP's threads (see parallel.h). */
 static void run(void (*fn)(const job *), job base, int64_t total, int64_t elements, int threads) {
-    if (threads > elements / MIN_PER_THREAD) threads = (int)(elements / MIN_PER_THREAD);
-    if (threads > total) threads = (int)total;
-    if (threads < 1) threads = 1;
-#pragma omp parallel for num_threads(threads) schedule(static, 1) if (threads > 1)
-    for (int t = 0; t < threads; t++) {
+    const int parts = parts_for(total, elements, threads);
+#pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1)
+    for (int t = 0; t < parts; t++) {
         job part = base;
-        part.begin = total * t / threads;
-        part.end = total * (t + 1) / threads;
+        part.begin = part_begin(total, t, parts);
+        part.end = part_begin(total, t + 1, parts);
         fn(&part);
     }
 }

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels import conv_pool as native_conv_pool
 from ..kernels import maxpool2 as native_max_pool
 from .base import Classifier
 from .registry import register_model
@@ -134,6 +135,10 @@ class FastCNN(Classifier):
     ``depth - 1`` extra conv-BN-ReLU at the pooled resolution. Global max-pool + linear head.
     ``features(x)``: (B, widths[-1]).
 
+    On a CPU the first conv and its pool run as one native kernel where it builds
+    (:mod:`semiprune_core.kernels.conv_pool`): torch's values up to the order of fp32 sums, its
+    weight gradient summed in fp32 where oneDNN's bf16 kernel rounds it to bf16.
+
     ``stem="s2d"`` replaces the first stage's full-resolution conv + pool by a space-to-depth
     rearrangement (each 2x2 pixel block becomes 4 channels) and a conv (with bias, no BatchNorm,
     like airbench's whitening stem) at half resolution: the same spatial sizes afterwards, no
@@ -160,7 +165,15 @@ class FastCNN(Classifier):
         self.head = nn.Linear(widths[-1], num_classes)
 
     def features(self, x: Tensor) -> Tensor:
-        return self.pool(self.body(x)).flatten(1)
+        layers = iter(self.body)
+        conv, pool = self.body[0], self.body[1]
+        if isinstance(conv, Conv3x3) and isinstance(pool, MaxPool2) and native_conv_pool.applies(x, conv):
+            # the first conv and its pool in one native kernel: the full-resolution map is never written
+            x = native_conv_pool.conv3x3_max_pool2(x, conv.weight)
+            layers = itertools.islice(layers, 2, None)
+        for layer in layers:
+            x = layer(x)
+        return self.pool(x).flatten(1)
 
 
 def _fastcnn(default_widths: tuple[int, ...], default_stem: str = "conv"):

@@ -1,4 +1,5 @@
-"""Native CPU kernels: the same bits as torch's kernels, built once per machine, torch's where none builds."""
+"""Native CPU kernels: torch's results (bit for bit, or to the order of fp32 sums), built once per
+machine, torch's kernels where none builds."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from semiprune_core import kernels
+from semiprune_core.kernels import conv_pool
 from semiprune_core.kernels import maxpool2 as native
 from semiprune_core.models import create_model
 from semiprune_core.models.fastcnn import MaxPool2
@@ -54,6 +57,7 @@ def test_native_max_pool_gives_torchs_bits_forward_and_backward(shape, dtype):
 @needs_compiler
 def test_fastcnn_trains_with_the_native_pool_to_torchs_weights(monkeypatch):
     """Two steps of fastcnn under bf16 autocast, native pool vs torch's: the same weights, bit for bit."""
+    monkeypatch.setattr(conv_pool, "applies", lambda x, conv: False)  # every pool a pool, not fused with its conv
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, 1, 28, 28, generator=gen).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (64,), generator=gen)
@@ -109,6 +113,15 @@ def test_a_kernel_is_built_once_per_machine_and_then_reused(monkeypatch, tmp_pat
     assert _load_fresh(monkeypatch, tmp_path) is not None
 
 
+def test_a_change_to_a_source_or_a_header_names_a_new_build(tmp_path):
+    for f in ("conv_pool.c", "parallel.h"):
+        shutil.copy(Path(kernels.__file__).with_name(f), tmp_path / f)
+    key = kernels.build_key(tmp_path / "conv_pool.c", "cc")
+    assert kernels.build_key(tmp_path / "conv_pool.c", "cc") == key and kernels.build_key(tmp_path / "conv_pool.c", "clang") != key
+    (tmp_path / "parallel.h").write_text((tmp_path / "parallel.h").read_text().replace("1 << 17", "1 << 16"))
+    assert kernels.build_key(tmp_path / "conv_pool.c", "cc") != key
+
+
 @needs_compiler
 def test_a_damaged_library_in_the_cache_is_built_again(tmp_path):
     # each load in a fresh process: a process that already loaded the library gets dlopen's handle back
@@ -146,6 +159,15 @@ def test_semiprune_native_0_turns_the_kernels_off(monkeypatch, tmp_path):
     assert not (tmp_path / "cache/semiprune").exists()
 
 
+def test_semiprune_native_may_name_the_kernels_that_run(monkeypatch):
+    monkeypatch.setenv("SEMIPRUNE_NATIVE", "maxpool2")
+    assert kernels.enabled() and kernels.enabled("maxpool2") and not kernels.enabled("conv_pool")
+    monkeypatch.setenv("SEMIPRUNE_NATIVE", "conv_pool, maxpool2")
+    assert kernels.enabled("maxpool2") and kernels.enabled("conv_pool")
+    monkeypatch.setenv("SEMIPRUNE_NATIVE", "1")
+    assert kernels.enabled("conv_pool")
+
+
 @needs_compiler
 def test_processes_building_at_once_each_load_a_whole_library(tmp_path):
     code = "from semiprune_core import kernels; assert kernels.load('maxpool2') is not None"
@@ -154,3 +176,130 @@ def test_processes_building_at_once_each_load_a_whole_library(tmp_path):
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
     assert len(list((tmp_path / "semiprune/kernels").glob("maxpool2-*.so"))) == 1
     assert not list((tmp_path / "semiprune/kernels").glob(".*.tmp"))
+
+
+# --- the first conv fused with its pool ------------------------------------------------------------------
+
+
+def _first_layer(c_in: int, c_out: int, seed: int = 0) -> torch.nn.Conv2d:
+    torch.manual_seed(seed)
+    return torch.nn.Conv2d(c_in, c_out, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
+
+
+def _reference_weight_grad(x, weight, grad) -> torch.Tensor:
+    """float64 weight gradient of conv -> pool (torch's pool: a tie goes to the first maximum)."""
+    x64, w64 = x.double(), weight.detach().double()
+    y = F.conv2d(x64, w64, padding=1)
+    _, index = F.max_pool2d(y, 2, return_indices=True)
+    full = F.max_unpool2d(grad.double(), index, 2, output_size=y.shape[-2:])
+    return torch.nn.grad.conv2d_weight(x64, w64.shape, full, padding=1)
+
+
+@needs_compiler
+@pytest.mark.parametrize("bf16", [True, False])
+@pytest.mark.parametrize("n,c_in,c_out,h,w", [(37, 1, 16, 28, 28), (5, 3, 32, 32, 32), (4, 1, 16, 7, 9), (3, 2, 48, 2, 3),
+                                              (160, 1, 16, 28, 28)])  # the last one is split over two threads
+def test_fused_conv_and_pool_give_torchs_outputs_and_a_more_exact_weight_gradient(n, c_in, c_out, h, w, bf16):
+    gen = torch.Generator().manual_seed(1)
+    conv = _first_layer(c_in, c_out)
+    # on a coarse grid every product and sum is exact in bf16 and fp32, whatever the order: the outputs
+    # must be torch's exactly, ties (many) included
+    with torch.no_grad():
+        conv.weight.copy_(torch.randint(-3, 4, conv.weight.shape, generator=gen) / 8)
+    x = torch.randint(-3, 4, (n, c_in, h, w), generator=gen) / 4
+    assert conv_pool.applies(x, conv)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        want = F.max_pool2d(conv(x.contiguous(memory_format=torch.channels_last)), 2)
+        got = conv_pool.conv3x3_max_pool2(x, conv.weight)
+        with torch.no_grad():
+            values = conv_pool.conv3x3_max_pool2(x, conv.weight)
+    assert got.grad_fn.name() == "_ConvMaxPool2Backward" and values.grad_fn is None
+    assert got.dtype == want.dtype and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, want) and torch.equal(values, want)
+    grad = torch.randn(want.shape, generator=gen).to(want.dtype)
+    (grad_got,) = torch.autograd.grad(got, conv.weight, grad.contiguous(memory_format=torch.channels_last))
+    reference = _reference_weight_grad(x, conv.weight, grad)
+    assert grad_got.dtype == torch.float32 and grad_got.shape == conv.weight.shape
+    assert (grad_got.double() - reference).norm() < 1e-5 * reference.norm()  # summed in fp32: oneDNN's bf16 kernel rounds
+    (grad_want,) = torch.autograd.grad(want, conv.weight, grad)
+    torch.testing.assert_close(grad_got, grad_want, rtol=0.01 if bf16 else 1e-5, atol=1e-3 * grad_want.abs().max().item())
+
+
+@needs_compiler
+@pytest.mark.parametrize("bf16", [True, False])
+def test_fused_conv_and_pool_match_torch_on_real_valued_input_to_a_rounding_step(bf16):
+    conv = _first_layer(1, 16)
+    x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        want = F.max_pool2d(conv(x.contiguous(memory_format=torch.channels_last)), 2)
+        got = conv_pool.conv3x3_max_pool2(x, conv.weight)
+    # oneDNN may sum in another order: a value may differ by one rounding step (in bf16, rarely)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7 if bf16 else 1e-5, atol=1e-5)
+    assert not bf16 or (got != want).float().mean() < 0.01
+
+
+@needs_compiler
+def test_a_nan_input_gives_nan_where_torchs_conv_and_pool_give_it():
+    conv = _first_layer(1, 16)
+    x = torch.randn(2, 1, 12, 12)
+    x[0, 0, 5, 6] = float("nan")
+    got = conv_pool.conv3x3_max_pool2(x, conv.weight)
+    want = F.max_pool2d(conv(x), 2)
+    assert got.isnan().any() and torch.equal(got.isnan(), want.isnan())
+
+
+def test_convolutions_the_fused_kernel_does_not_take_are_refused():
+    x = torch.randn(2, 1, 8, 8)
+    assert not conv_pool.applies(x, torch.nn.Conv2d(1, 16, 3, padding=1))  # a bias
+    assert not conv_pool.applies(x, torch.nn.Conv2d(1, 16, 3, padding=1, stride=2, bias=False))
+    assert not conv_pool.applies(x, torch.nn.Conv2d(1, 16, 5, padding=2, bias=False))
+    assert not conv_pool.applies(x, torch.nn.Conv2d(1, 24, 3, padding=1, bias=False))  # not a multiple of 16 channels
+    assert not conv_pool.applies(torch.randn(2, 5, 8, 8), torch.nn.Conv2d(5, 16, 3, padding=1, bias=False))
+    assert not conv_pool.applies(x.double(), torch.nn.Conv2d(1, 16, 3, padding=1, bias=False).double())
+    assert not conv_pool.applies(x.requires_grad_(), torch.nn.Conv2d(1, 16, 3, padding=1, bias=False))  # wants an input gradient
+
+
+@needs_compiler
+def test_fastcnn_runs_its_first_conv_and_pool_fused_to_torchs_logits(monkeypatch):
+    model = create_model("fastcnn", in_channels=1, num_classes=10, image_size=28, seed=0).to(memory_format=torch.channels_last)
+    x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    seen = []
+    model.body[2].register_forward_pre_hook(lambda m, args: seen.append(args[0].grad_fn.name()))
+    fused = model(x)
+    monkeypatch.setattr(conv_pool, "applies", lambda x, conv: False)
+    plain = model(x)
+    assert seen == ["_ConvMaxPool2Backward", "_MaxPool2Backward"]
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    x.requires_grad_()  # an input gradient: the fused kernel gives none, so the layers run apart
+    monkeypatch.undo()
+    (grad,) = torch.autograd.grad(model(x).sum(), x)
+    assert grad.abs().sum() > 0
+
+
+@needs_compiler
+def test_fastcnn_trains_with_the_fused_first_layer_as_with_torchs(monkeypatch):
+    """Thirty bf16 steps on a learnable task: the same losses to bf16 noise, and the same fit."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 1, 28, 28, generator=gen)
+    y = (x[:, 0, 10:18, 10:18].mean((1, 2)) > 0).long() + 2 * (x[:, 0, :14].mean((1, 2)) > 0).long()
+
+    def losses() -> list[float]:
+        model = create_model("fastcnn", in_channels=1, num_classes=4, image_size=28, seed=0).to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        out = []
+        for step in range(30):
+            batch = slice(step % 4 * 64, step % 4 * 64 + 64)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            out.append(loss.item())
+        return out
+
+    fused = losses()
+    monkeypatch.setattr(conv_pool, "applies", lambda x, conv: False)
+    plain = losses()
+    assert fused[-1] < 0.7 * fused[0]  # it learns
+    assert abs(sum(fused[-8:]) - sum(plain[-8:])) < 0.1 * sum(plain[-8:])
+    assert abs(fused[0] - plain[0]) < 1e-2
