@@ -340,8 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     x_train, y_train, x_test, y_test = load_fashion(args.data)
     report: dict = {
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
-                    "keeps_freed_memory": kept, "native_kernels": kernels.load("maxpool2") is not None,
+        "machine": {"platform": platform.platform(), "cpu": kernels.cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+                    "keeps_freed_memory": kept, "native_kernels": kernels.available(),
                     **({"gpu": torch.cuda.get_device_name(device)} if device.type == "cuda" else {})},
         "load_seconds": time.perf_counter() - t0,
     }

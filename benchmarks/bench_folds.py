@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     x, y, _, _ = load_fashion()
     images, targets = x.numpy(), y.numpy()
     everyone, nobody = np.arange(len(images)), np.array([], np.int64)
-    report: dict = {"machine": {"platform": platform.platform(), "torch": torch.__version__,
+    report: dict = {"machine": {"platform": platform.platform(), "cpu": kernels.cpu_model(), "torch": torch.__version__,
                                 "threads": torch.get_num_threads(), "keeps_freed_memory": kept,
-                                "native_kernels": kernels.load("maxpool2") is not None},
+                                "native_kernels": kernels.available()},
                     "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "n": len(images)}
     with tempfile.TemporaryDirectory() as tmp:
         one = train(args, images, targets, everyone, nobody, Path(tmp) / "one")

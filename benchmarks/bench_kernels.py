@@ -3,11 +3,19 @@
 (a) ``fastcnn``'s 2x2 max-pools alone, at the shapes training meets (bf16 and fp32, channels_last):
     forward + backward through autograd, and the inference forward (the native kernel against the
     strided-view maximum used where it does not apply); median of ``--reps`` calls each.
-(b) One epoch of the engine on Fashion-MNIST per model and batch (``--train fastcnn:960 ...``, bf16),
+(b) The first conv fused with its pool (``conv_pool``) against oneDNN's conv and the pool above, at
+    the first layers of ``fastcnn`` and ``fastcnn_l`` (bf16 autocast): forward + weight gradient, and
+    the inference forward.
+(c) One epoch of the engine on Fashion-MNIST per model and batch (``--train fastcnn:960 ...``, bf16),
     with and without the kernels, alternated ``--rounds`` times (on, off, off, on, ...); the median
     images per second of each.
+(d) With ``--accuracy-seeds N``: the test accuracy of each ``--accuracy MODEL:BATCH`` trained on the
+    whole of Fashion-MNIST for ``--accuracy-epochs`` (bf16, weak view, Nesterov SGD with warmup and
+    cosine) with and without the kernels, seeds 0..N-1: the fused first layer is not bit for bit
+    oneDNN's, so its effect on accuracy is measured against the seeds' spread.
 
     python benchmarks/bench_kernels.py [--train fastcnn:960 fastcnn:256 fastcnn_s:256 fastcnn_l:256] [--json out.json]
+    python benchmarks/bench_kernels.py --train --accuracy-seeds 3 --accuracy fastcnn:256 fastcnn:960
 """
 
 from __future__ import annotations
@@ -28,17 +36,18 @@ from bench_engine import load_fashion  # noqa: E402
 
 from semiprune_core import kernels  # noqa: E402
 from semiprune_core.allocator import keep_freed_memory  # noqa: E402
-from semiprune_core.kernels import maxpool2  # noqa: E402
+from semiprune_core.kernels import conv_pool, maxpool2  # noqa: E402
 from semiprune_core.models import create_model  # noqa: E402
 from semiprune_core.models.fastcnn import MaxPool2  # noqa: E402
-from semiprune_core.training import Schedule, SupervisedObjective, fit  # noqa: E402
+from semiprune_core.training import Schedule, SupervisedObjective, evaluate, fit  # noqa: E402
 
 POOL_SHAPES = [(960, 16, 28, 28), (960, 32, 14, 14), (960, 64, 7, 7), (256, 16, 28, 28), (256, 16, 14, 14), (256, 32, 7, 7)]
-NATIVE_APPLIES = maxpool2.applies
+CONV_POOL_SHAPES = [(960, 1, 16, 28), (256, 1, 16, 28), (256, 1, 32, 28)]  # batch, c_in, c_out, size
+NATIVE_APPLIES = maxpool2.applies, conv_pool.applies
 
 
 def use_native(on: bool) -> None:
-    maxpool2.applies = NATIVE_APPLIES if on else (lambda x: False)
+    maxpool2.applies, conv_pool.applies = NATIVE_APPLIES if on else (lambda x: False, lambda x, conv: False)
 
 
 def median_ms(fn, reps: int) -> float:
@@ -73,6 +82,35 @@ def pools(reps: int) -> list[dict]:
     return rows
 
 
+def conv_pools(reps: int) -> list[dict]:
+    rows = []
+    for batch, c_in, c_out, size in CONV_POOL_SHAPES:
+        conv = torch.nn.Conv2d(c_in, c_out, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
+        x = torch.randn(batch, c_in, size, size).contiguous(memory_format=torch.channels_last)
+        grad = torch.randn(batch, c_out, size // 2, size // 2).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        row = {"batch": batch, "c_in": c_in, "c_out": c_out, "size": size, "dtype": "bfloat16"}
+
+        def layer():
+            if conv_pool.applies(x, conv):
+                return conv_pool.conv3x3_max_pool2(x, conv.weight)
+            return MaxPool2()(conv(x))
+
+        for on in (True, False):
+            use_native(on)
+            name = "native" if on else "torch"
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                row[f"train_ms_{name}"] = median_ms(lambda: torch.autograd.grad(layer(), conv.weight, grad), reps)
+                with torch.no_grad():
+                    row[f"infer_ms_{name}"] = median_ms(layer, reps)
+        use_native(True)
+        rows.append(row)
+        print(f"conv {c_in}->{c_out} + pool at {size}x{size}, batch {batch}: forward+weight gradient "
+              f"{row['train_ms_torch']:.3f} -> {row['train_ms_native']:.3f} ms ({row['train_ms_torch'] / row['train_ms_native']:.2f}x); "
+              f"inference {row['infer_ms_torch']:.3f} -> {row['infer_ms_native']:.3f} ms ({row['infer_ms_torch'] / row['infer_ms_native']:.2f}x)",
+              flush=True)
+    return rows
+
+
 def training(specs: list[str], rounds: int) -> list[dict]:
     x, y, _, _ = load_fashion()
     rows = []
@@ -97,20 +135,52 @@ def training(specs: list[str], rounds: int) -> list[dict]:
     return rows
 
 
+def accuracy(specs: list[str], seeds: int, epochs: int) -> list[dict]:
+    x, y, x_test, y_test = load_fashion()
+    rows = []
+    for spec in specs:
+        name, batch = spec.split(":")
+        batch = int(batch)
+        row: dict = {"model": name, "batch_size": batch, "epochs": epochs}
+        for on in (True, False):
+            use_native(on)
+            accs = []
+            for seed in range(seeds):
+                model = create_model(name, in_channels=1, num_classes=10, image_size=28, seed=seed)
+                schedule = Schedule(epochs=epochs, batch_size=batch, lr=0.2 * batch / 512, warmup=0.05, weight_decay=5e-4)
+                result = fit(model, SupervisedObjective(x, y, view="weak"), schedule, seed=seed, device="cpu", precision="bf16")
+                accs.append(evaluate(result.model, x_test, y_test, precision="bf16"))
+            row["test_acc_native" if on else "test_acc_torch"] = accs
+        use_native(True)
+        rows.append(row)
+        mean = {k: statistics.mean(row[f"test_acc_{k}"]) * 100 for k in ("torch", "native")}
+        print(f"{name} batch {batch}, {epochs} epochs, {seeds} seeds: test accuracy {mean['torch']:.2f} % -> "
+              f"{mean['native']:.2f} % ({mean['native'] - mean['torch']:+.2f} points; per seed "
+              f"{[round(a * 100, 2) for a in row['test_acc_torch']]} -> {[round(a * 100, 2) for a in row['test_acc_native']]})",
+              flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train", nargs="*", default=["fastcnn:960", "fastcnn:256", "fastcnn_s:256", "fastcnn_l:256"],
                    metavar="MODEL:BATCH")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--accuracy", nargs="*", default=["fastcnn:256", "fastcnn:960"], metavar="MODEL:BATCH")
+    p.add_argument("--accuracy-seeds", type=int, default=0, help="seeds of the accuracy part; 0 skips it")
+    p.add_argument("--accuracy-epochs", type=int, default=10)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    if kernels.load("maxpool2") is None:
+    if kernels.available() != list(kernels.NAMES):
         sys.exit("error: the native kernels are not available here (no C compiler, or SEMIPRUNE_NATIVE=0); "
                  "install a C compiler (cc) or unset SEMIPRUNE_NATIVE")
     keep_freed_memory()  # as every stage process does
-    report = {"machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-              "max_pool": pools(args.reps), "training": training(args.train, args.rounds)}
+    report = {"machine": {"platform": platform.platform(), "cpu": kernels.cpu_model(),
+                          "torch": torch.__version__, "threads": torch.get_num_threads()},
+              "max_pool": pools(args.reps), "conv_pool": conv_pools(args.reps), "training": training(args.train, args.rounds)}
+    if args.accuracy_seeds:
+        report["accuracy"] = accuracy(args.accuracy, args.accuracy_seeds, args.accuracy_epochs)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
 
