@@ -33,6 +33,10 @@ logger = logging.getLogger(__name__)
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=256", "-shared", "-fPIC", "-fopenmp")
 
 
+#: every kernel in this package
+NAMES = ("maxpool2", "conv_pool")
+
+
 def enabled(name: str | None = None) -> bool:
     """Whether kernel ``name`` (any kernel, for None) may run. ``SEMIPRUNE_NATIVE``: unset or ``1``
     all, ``0`` none (torch's kernels, for A/B timings), or a comma-separated list of names such as
@@ -41,7 +45,15 @@ def enabled(name: str | None = None) -> bool:
     if value in ("1", ""):
         return True
     names = {v.strip() for v in value.split(",")} - {"0"}
+    _warn_unknown(frozenset(names))
     return bool(names) if name is None else name in names
+
+
+@functools.cache
+def _warn_unknown(names: frozenset[str]) -> None:
+    if unknown := sorted(names - set(NAMES)):
+        logger.warning("SEMIPRUNE_NATIVE names unknown kernels %s (it takes 1, 0 or names from %s); "
+                       "those run torch's kernels", ", ".join(unknown), ", ".join(NAMES))
 
 
 def cache_dir() -> Path:
@@ -119,10 +131,6 @@ def load(name: str) -> ctypes.CDLL | None:
         reason = str(e)
     logger.info("native kernel %s unavailable (%s); using torch's kernel, which is slower", name, reason)
     return None
-
-
-#: every kernel in this package
-NAMES = ("maxpool2", "conv_pool")
 
 
 def available() -> list[str]:

@@ -168,6 +168,13 @@ def test_semiprune_native_may_name_the_kernels_that_run(monkeypatch):
     assert kernels.enabled("conv_pool")
 
 
+def test_semiprune_native_naming_an_unknown_kernel_says_so(monkeypatch, caplog):
+    monkeypatch.setenv("SEMIPRUNE_NATIVE", "maxpol2")
+    with caplog.at_level(logging.WARNING, logger="semiprune_core.kernels"):
+        assert not kernels.enabled("maxpool2")
+    assert "unknown kernels maxpol2" in caplog.text and "maxpool2, conv_pool" in caplog.text
+
+
 @needs_compiler
 def test_processes_building_at_once_each_load_a_whole_library(tmp_path):
     code = "from semiprune_core import kernels; assert kernels.load('maxpool2') is not None"
