@@ -15,7 +15,7 @@
  * the window position the index names: the convolution's gradient is zero everywhere else. Images
  * are split between threads; each image is summed in fp32, the images of a part in double.
  *
- * Buffers live on the stack: the caller keeps W * CI and CI * CO small (a few KB each).
+ * Buffers live on the stack: the caller keeps W * CI small (a few KB).
  */
 #include <stdint.h>
 #include <string.h>

@@ -22,13 +22,19 @@ from . import load
 MAX_IN_CHANNELS, MAX_WIDTH = 4, 1024
 
 
+def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Give the library's functions their C signatures (ctypes would pass 64-bit sizes wrongly)."""
+    sizes = [ctypes.c_int64] * 5 + [ctypes.c_int, ctypes.c_int]
+    lib.conv_pool_forward.argtypes = [ctypes.c_void_p] * 4 + sizes
+    lib.conv_pool_backward_weight.argtypes = [ctypes.c_void_p] * 4 + sizes
+    lib.conv_pool_forward.restype = lib.conv_pool_backward_weight.restype = None
+    return lib
+
+
 def _library() -> ctypes.CDLL | None:
     lib = load("conv_pool")
     if lib is not None and lib.conv_pool_forward.argtypes is None:
-        sizes = [ctypes.c_int64] * 5 + [ctypes.c_int, ctypes.c_int]
-        lib.conv_pool_forward.argtypes = [ctypes.c_void_p] * 4 + sizes
-        lib.conv_pool_backward_weight.argtypes = [ctypes.c_void_p] * 4 + sizes
-        lib.conv_pool_forward.restype = lib.conv_pool_backward_weight.restype = None
+        declare(lib)
     return lib
 
 
@@ -59,12 +65,12 @@ def _inputs(x: Tensor, weight: Tensor, bf16: bool) -> tuple[Tensor, Tensor]:
     return x, w
 
 
-def _forward(x: Tensor, w: Tensor, bf16: bool, keep_index: bool) -> tuple[Tensor, Tensor | None]:
+def _forward(x: Tensor, w: Tensor, bf16: bool, keep_index: bool, lib: ctypes.CDLL | None = None) -> tuple[Tensor, Tensor | None]:
     n, h, wd, ci = x.shape
     co = w.shape[-1]
     y = torch.empty((n, co, h // 2, wd // 2), dtype=x.dtype, memory_format=torch.channels_last)
     index = torch.empty((n, h // 2, wd // 2, co), dtype=torch.uint8) if keep_index else None
-    _library().conv_pool_forward(x.data_ptr(), w.data_ptr(), y.data_ptr(), None if index is None else index.data_ptr(),
+    (lib or _library()).conv_pool_forward(x.data_ptr(), w.data_ptr(), y.data_ptr(), None if index is None else index.data_ptr(),
                                  n, h, wd, ci, co, bf16, torch.get_num_threads())
     return y, index
 
@@ -83,14 +89,19 @@ class _ConvMaxPool2(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[None, Tensor, None]:
         x, index = ctx.saved_tensors
-        n, h, wd, ci = x.shape
-        co = index.shape[-1]
-        grad = grad.to(x.dtype).contiguous(memory_format=torch.channels_last)
-        threads = torch.get_num_threads()
-        parts = torch.zeros((threads, 3, 3, ci, co), dtype=torch.float64)
-        _library().conv_pool_backward_weight(x.data_ptr(), grad.data_ptr(), index.data_ptr(), parts.data_ptr(),
-                                             n, h, wd, ci, co, ctx.bf16, threads)
-        return None, parts.sum(0).permute(3, 2, 0, 1).to(ctx.weight_dtype).contiguous(), None
+        return None, _weight_grad(x, index, grad, ctx.bf16).to(ctx.weight_dtype), None
+
+
+def _weight_grad(x: Tensor, index: Tensor, grad: Tensor, bf16: bool, lib: ctypes.CDLL | None = None) -> Tensor:
+    """(CO, CI, 3, 3) fp32 from the forward's x (N, H, W, CI) and index, and y's gradient."""
+    n, h, wd, ci = x.shape
+    co = index.shape[-1]
+    grad = grad.to(x.dtype).contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    parts = torch.zeros((threads, 3, 3, ci, co), dtype=torch.float64)
+    (lib or _library()).conv_pool_backward_weight(x.data_ptr(), grad.data_ptr(), index.data_ptr(), parts.data_ptr(),
+                                                  n, h, wd, ci, co, bf16, threads)
+    return parts.sum(0).permute(3, 2, 0, 1).float().contiguous()
 
 
 def conv3x3_max_pool2(x: Tensor, weight: Tensor) -> Tensor:

@@ -3,8 +3,10 @@ machine, torch's kernels where none builds."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -243,6 +245,24 @@ def test_fused_conv_and_pool_match_torch_on_real_valued_input_to_a_rounding_step
     # oneDNN may sum in another order: a value may differ by one rounding step (in bf16, rarely)
     torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7 if bf16 else 1e-5, atol=1e-5)
     assert not bf16 or (got != want).float().mean() < 0.01
+
+
+@needs_compiler
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 vector widths")
+@pytest.mark.parametrize("narrower", ["-mno-avx512f", "-mno-avx"])  # 8 and 4 channels per vector instead of 16
+def test_the_fused_kernel_gives_the_same_results_on_cpus_with_narrower_vectors(tmp_path, narrower):
+    source = Path(kernels.__file__).with_name("conv_pool.c")
+    subprocess.run([os.environ.get("CC", "cc"), *kernels.FLAGS, narrower, str(source), "-o", str(tmp_path / "narrow.so")],
+                   check=True, capture_output=True, timeout=120)
+    narrow = conv_pool.declare(ctypes.CDLL(str(tmp_path / "narrow.so")))
+    conv = _first_layer(3, 32)
+    x, w = conv_pool._inputs(torch.randn(6, 3, 12, 10, generator=torch.Generator().manual_seed(3)), conv.weight, bf16=True)
+    y, index = conv_pool._forward(x, w, True, keep_index=True)
+    y_narrow, index_narrow = conv_pool._forward(x, w, True, keep_index=True, lib=narrow)
+    assert torch.equal(y, y_narrow) and torch.equal(index, index_narrow)
+    grad = torch.randn(y.shape).to(torch.bfloat16)
+    torch.testing.assert_close(conv_pool._weight_grad(x, index, grad, True, lib=narrow), conv_pool._weight_grad(x, index, grad, True),
+                               rtol=1e-6, atol=1e-6)
 
 
 @needs_compiler
