@@ -20,6 +20,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
 #include "parallel.h"
 
 typedef struct {
@@ -30,13 +31,6 @@ typedef struct {
     double *dw;      /* backward: (parts, 3, 3, CI, CO), each part's sum */
     int64_t h, w_, ci, co;
 } job;
-
-static inline float bf16_value(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
 
 /* Input rows 2i-1 .. 2i+2 of image n (the 4 under pooled row i), as fp32 with a zero border: pad
  * is (4, W + 2, CI). */

@@ -13,6 +13,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
 #include "parallel.h"
 
 typedef struct {
@@ -21,13 +22,6 @@ typedef struct {
     uint8_t *idx;    /* (N, H/2, W/2, C): 0..3, the window position of the maximum; NULL: not kept */
     int64_t h, w, c, begin, end;
 } job;
-
-static inline float bf16_value(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
 
 /* `bf16` and `keep` are constants at every call, so each combination compiles to its own
  * vectorised loop; the running maximum is kept as stored bits and as a float to compare. */
