@@ -3,7 +3,7 @@
 ``conv3x3_max_pool2(x, weight)`` is ``F.max_pool2d(F.conv2d(x, weight, padding=1), 2)``, forward and
 weight gradient, without the full-resolution activation: on ``fastcnn``'s first layer (1 -> 16
 channels at 28x28) the convolution, the pool and their backward were about a quarter of a bf16
-training step, and half of inference. Under CPU bf16 autocast it computes what autocast's oneDNN
+training step, and half of inference, on two cores of an Intel Xeon. Under CPU bf16 autocast it computes what autocast's oneDNN
 convolution computes (bf16 inputs and weights, fp32 sums, bf16 outputs) but sums in its own order,
 so an output can differ by one bf16 rounding step, and then a window's maximum can sit elsewhere;
 in fp32 the outputs agree to fp32 rounding. The input gets no gradient: it is the network's input.
@@ -44,9 +44,10 @@ def _bf16() -> bool:
 
 def applies(x: Tensor, conv: nn.Conv2d) -> bool:
     """``conv`` is a 3x3 convolution (stride 1, padding 1, no bias, dilation 1, one group) of up to
-    :data:`MAX_IN_CHANNELS` into a multiple of 16 channels (the kernel's vector width), and ``x`` a 4-d fp32 CPU input to
-    it (bf16 under autocast) that needs no gradient, at least 2x2 and at most :data:`MAX_WIDTH`
-    wide, outside ``torch.compile``, on a machine where the kernel was built."""
+    :data:`MAX_IN_CHANNELS` into a multiple of 16 channels (the kernel's widest vector), and ``x`` a
+    4-d fp32 CPU input to it (or bf16 under bf16 autocast) that needs no gradient, at least 2x2 and
+    at most :data:`MAX_WIDTH` wide, outside ``torch.compile``, on a machine where the kernel was
+    built."""
     return (x.device.type == "cpu" and x.dim() == 4 and not x.requires_grad and conv.bias is None
             and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _bf16()))
             and conv.weight.dtype == torch.float32 and conv.weight.device.type == "cpu"
