@@ -60,22 +60,28 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "semiprune" / "kernels"
 
 
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), for benchmark reports: kernels' speed depends on it."""
+def _cpuinfo(*keys: str) -> list[str] | None:
+    """The first line of ``/proc/cpuinfo`` that starts with each key ("" if none), or None where
+    there is no such file."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
+        return None
+    return [next((line for line in lines if line.startswith(key)), "") for key in keys]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for benchmark reports: kernels' speed depends on it."""
+    found = _cpuinfo("model name")
+    if found is None:
         return platform.processor() or platform.machine()
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
+    return found[0].split(":", 1)[1].strip() if found[0] else platform.machine()
 
 
 def _cpu_identity() -> str:
     """What ``-march=native`` compiles for: the CPU's model and feature flags."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    return "\n".join(next((line for line in lines if line.startswith(key)), "") for key in ("model name", "flags"))
+    found = _cpuinfo("model name", "flags")
+    return platform.processor() if found is None else "\n".join(found)
 
 
 def _check_private(folder: Path) -> None:

@@ -3,10 +3,10 @@
 ``conv3x3_max_pool2(x, weight)`` is ``F.max_pool2d(F.conv2d(x, weight, padding=1), 2)``, forward and
 weight gradient, without the full-resolution activation: on ``fastcnn``'s first layer (1 -> 16
 channels at 28x28) the convolution, the pool and their backward were about a quarter of a bf16
-training step, and half of inference, on two cores of an Intel Xeon. Under CPU bf16 autocast it computes what autocast's oneDNN
-convolution computes (bf16 inputs and weights, fp32 sums, bf16 outputs) but sums in its own order,
-so an output can differ by one bf16 rounding step, and then a window's maximum can sit elsewhere;
-in fp32 the outputs agree to fp32 rounding. The input gets no gradient: it is the network's input.
+training step, and half of inference, on two cores of an Intel Xeon. Under CPU bf16 autocast it
+computes what autocast's oneDNN convolution computes (bf16 inputs and weights, fp32 sums, bf16
+outputs) but sums in its own order, so an output can differ by one bf16 rounding step, and then a
+window's maximum can sit elsewhere; in fp32 the outputs agree to fp32 rounding. The input gets no gradient: it is the network's input.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def _forward(x: Tensor, w: Tensor, bf16: bool, keep_index: bool, lib: ctypes.CDL
     y = torch.empty((n, co, h // 2, wd // 2), dtype=x.dtype, memory_format=torch.channels_last)
     index = torch.empty((n, h // 2, wd // 2, co), dtype=torch.uint8) if keep_index else None
     (lib or _library()).conv_pool_forward(x.data_ptr(), w.data_ptr(), y.data_ptr(), None if index is None else index.data_ptr(),
-                                 n, h, wd, ci, co, bf16, torch.get_num_threads())
+                                          n, h, wd, ci, co, bf16, torch.get_num_threads())
     return y, index
 
 
