@@ -305,14 +305,17 @@ def test_fastcnn_runs_its_first_conv_and_pool_fused_to_torchs_logits(monkeypatch
 
 @needs_compiler
 def test_fastcnn_trains_with_the_fused_first_layer_as_with_torchs(monkeypatch):
-    """Thirty bf16 steps on a learnable task: the same losses to bf16 noise, and the same fit."""
+    """Thirty bf16 steps on a learnable task: the same learning curve to bf16 noise, and the same fit.
+
+    The step size keeps training out of the spiky regime, where bf16 rounding alone (oneDNN's too, or
+    fp32 against bf16) moves single losses by tens of percent and the comparison would measure chaos."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(256, 1, 28, 28, generator=gen)
     y = (x[:, 0, 10:18, 10:18].mean((1, 2)) > 0).long() + 2 * (x[:, 0, :14].mean((1, 2)) > 0).long()
 
     def losses() -> list[float]:
         model = create_model("fastcnn", in_channels=1, num_classes=4, image_size=28, seed=0).to(memory_format=torch.channels_last)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
         out = []
         for step in range(30):
             batch = slice(step % 4 * 64, step % 4 * 64 + 64)
@@ -327,6 +330,6 @@ def test_fastcnn_trains_with_the_fused_first_layer_as_with_torchs(monkeypatch):
     fused = losses()
     monkeypatch.setattr(conv_pool, "applies", lambda x, conv: False)
     plain = losses()
-    assert fused[-1] < 0.7 * fused[0]  # it learns
-    assert abs(sum(fused[-8:]) - sum(plain[-8:])) < 0.1 * sum(plain[-8:])
     assert abs(fused[0] - plain[0]) < 1e-2
+    assert abs(sum(fused) - sum(plain)) < 0.05 * sum(plain)  # a wrong weight gradient moves this by half
+    assert sum(plain[-8:]) < 0.1 and sum(fused[-8:]) < 0.1  # both fit
