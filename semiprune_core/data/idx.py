@@ -40,7 +40,8 @@ def parse_idx(raw: bytes, *, name: str = "IDX data") -> np.ndarray:
         raise DataError(f"{name} is truncated inside its header", fix)
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     count = math.prod(shape)  # exact: four uint32 dimensions overflow int64
-    if count > _MAX_ELEMENTS:
+    # a zero dimension makes the count 0 whatever the others say, and numpy refuses huge ones even then
+    if math.prod(d or 1 for d in shape) > _MAX_ELEMENTS:
         raise DataError(f"{name} declares shape {shape}, larger than any supported dataset", fix)
     if len(raw) - header != count:
         state = "truncated" if len(raw) - header < count else "longer than its header says"

@@ -98,6 +98,7 @@ def test_parse_idx_random_bytes(raw):
 @fuzz
 @given(mutated_idx())
 @example(struct.pack(">HBB4I", 0, 0x08, 4, 2**16, 2**16, 2**16, 2**16))  # 2**64 elements: 0 in int64
+@example(struct.pack(">HBB4I", 0, 0x08, 4, 2**31, 2**31, 0, 2))  # no elements, but dimensions numpy refuses
 def test_parse_idx_mutated_headers_and_bodies(raw):
     check_idx(raw)
 
