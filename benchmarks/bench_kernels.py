@@ -9,12 +9,16 @@
 (c) One epoch of the engine on Fashion-MNIST per model and batch (``--train fastcnn:960 ...``, bf16),
     with and without the kernels, alternated ``--rounds`` times (on, off, off, on, ...); the median
     images per second of each.
-(d) With ``--accuracy-seeds N``: the test accuracy of each ``--accuracy MODEL:BATCH`` trained on the
+(d) Inference per model (``--inference fastcnn fastcnn_l fastcnn_s``): :func:`predict` over 20,000
+    Fashion-MNIST images (bf16) three ways, alternated ``--rounds`` times: torch's kernels, the native
+    kernels with BatchNorm and ReLU run apart, and the native kernels applying them as the pools write
+    (what inference runs); the median images per second of each.
+(e) With ``--accuracy-seeds N``: the test accuracy of each ``--accuracy MODEL:BATCH`` trained on the
     whole of Fashion-MNIST for ``--accuracy-epochs`` (bf16, weak view, Nesterov SGD with warmup and
     cosine) with and without the kernels, seeds 0..N-1: the fused first layer is not bit for bit
     oneDNN's, so its effect on accuracy is measured against the seeds' spread.
 
-    python benchmarks/bench_kernels.py [--train fastcnn:960 fastcnn:256 fastcnn_s:256 fastcnn_l:256] [--json out.json]
+    python benchmarks/bench_kernels.py [--train fastcnn:960 fastcnn:256 fastcnn_s:256 fastcnn_l:256] [--inference fastcnn] [--json out.json]
     python benchmarks/bench_kernels.py --train --accuracy-seeds 3 --accuracy fastcnn:256 fastcnn:960
 """
 
@@ -38,8 +42,9 @@ from semiprune_core import kernels  # noqa: E402
 from semiprune_core.allocator import keep_freed_memory  # noqa: E402
 from semiprune_core.kernels import conv_pool, maxpool2  # noqa: E402
 from semiprune_core.models import create_model  # noqa: E402
+from semiprune_core.models import fastcnn  # noqa: E402
 from semiprune_core.models.fastcnn import MaxPool2  # noqa: E402
-from semiprune_core.training import Schedule, SupervisedObjective, evaluate, fit  # noqa: E402
+from semiprune_core.training import Schedule, SupervisedObjective, evaluate, fit, predict  # noqa: E402
 
 POOL_SHAPES = [(960, 16, 28, 28), (960, 32, 14, 14), (960, 64, 7, 7), (256, 16, 28, 28), (256, 16, 14, 14), (256, 32, 7, 7)]
 CONV_POOL_SHAPES = [(960, 1, 16, 28), (256, 1, 16, 28), (256, 1, 32, 28)]  # batch, c_in, c_out, size
@@ -135,6 +140,31 @@ def training(specs: list[str], rounds: int) -> list[dict]:
     return rows
 
 
+def inference(names: list[str], rounds: int) -> list[dict]:
+    x = load_fashion()[0][:20_000]
+    fold_bn_relu = fastcnn._bn_relu_after
+    ways = {"torch": (False, fold_bn_relu), "native_bn_apart": (True, lambda body, i: None), "native": (True, fold_bn_relu)}
+    rows = []
+    for name in names:
+        model = create_model(name, in_channels=1, num_classes=10, image_size=28, seed=0)
+        rates: dict[str, list[float]] = {way: [] for way in ways}
+        for r in range(rounds):
+            for way in list(ways)[:: 1 if r % 2 == 0 else -1]:
+                on, fastcnn._bn_relu_after = ways[way]
+                use_native(on)
+                t0 = time.perf_counter()
+                predict(model, x, precision="bf16")
+                rates[way].append(len(x) / (time.perf_counter() - t0))
+        use_native(True)
+        fastcnn._bn_relu_after = fold_bn_relu
+        row = {"model": name, "images": len(x), "rounds": rounds, **{f"img_per_s_{way}": statistics.median(v) for way, v in rates.items()}}
+        rows.append(row)
+        print(f"{name} inference: torch {row['img_per_s_torch']:,.0f}, native kernels {row['img_per_s_native_bn_apart']:,.0f}, "
+              f"with BatchNorm + ReLU in the pools {row['img_per_s_native']:,.0f} img/s "
+              f"({row['img_per_s_native'] / row['img_per_s_native_bn_apart']:.2f}x)", flush=True)
+    return rows
+
+
 def accuracy(specs: list[str], seeds: int, epochs: int) -> list[dict]:
     x, y, x_test, y_test = load_fashion()
     rows = []
@@ -165,6 +195,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train", nargs="*", default=["fastcnn:960", "fastcnn:256", "fastcnn_s:256", "fastcnn_l:256"],
                    metavar="MODEL:BATCH")
+    p.add_argument("--inference", nargs="*", default=["fastcnn", "fastcnn_l", "fastcnn_s"], metavar="MODEL")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--accuracy", nargs="*", default=["fastcnn:256", "fastcnn:960"], metavar="MODEL:BATCH")
@@ -178,7 +209,8 @@ def main() -> None:
     keep_freed_memory()  # as every stage process does
     report = {"machine": {"platform": platform.platform(), "cpu": kernels.cpu_model(),
                           "torch": torch.__version__, "threads": torch.get_num_threads()},
-              "max_pool": pools(args.reps), "conv_pool": conv_pools(args.reps), "training": training(args.train, args.rounds)}
+              "max_pool": pools(args.reps), "conv_pool": conv_pools(args.reps), "training": training(args.train, args.rounds),
+              "inference": inference(args.inference, args.rounds)}
     if args.accuracy_seeds:
         report["accuracy"] = accuracy(args.accuracy, args.accuracy_seeds, args.accuracy_epochs)
     if args.json:

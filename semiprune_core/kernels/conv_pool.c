@@ -28,6 +28,7 @@ typedef struct {
     const float *w;  /* (3, 3, CI, CO) fp32: forward, the weights (rounded to bf16 in bf16 mode) */
     void *y;         /* (N, H/2, W/2, CO): forward, the output; backward, its gradient */
     uint8_t *idx;    /* (N, H/2, W/2, CO): 0..3, the window position of the maximum; NULL: not kept */
+    const float *scale, *shift; /* (CO,): inference's BatchNorm + ReLU applied to y (bf16.h); NULL: none */
     double *dw;      /* backward: (parts, 3, 3, CI, CO), each part's sum */
     int64_t h, w_, ci, co;
 } job;
@@ -105,8 +106,10 @@ static inline __attribute__((always_inline)) void windows(const float *pad, cons
     }
 }
 
-/* Each window's values as stored, then torch's pool: the first maximum, or a NaN. */
-static inline __attribute__((always_inline)) void pool_store(const job *j, const vf acc[4], int64_t at, int bf16, int keep) {
+/* Each window's values as stored, then torch's pool: the first maximum, or a NaN; then, with
+ * `affine`, inference's BatchNorm and ReLU of channels b.. (bn_relu in bf16.h), rounded once more. */
+static inline __attribute__((always_inline)) void pool_store(const job *j, const vf acc[4], int64_t at, int64_t b,
+                                                             int bf16, int keep, int affine) {
     vi bits = bf16 ? round_bf16(acc[0]) : (vi)acc[0], best = {0};
     vf m = bf16 ? (vf)bits : acc[0];
     for (int k = 1; k < 4; k++) {
@@ -116,6 +119,11 @@ static inline __attribute__((always_inline)) void pool_store(const job *j, const
         m = (vf)(((vi)v & u) | ((vi)m & ~u));
         bits = (kb & u) | (bits & ~u);
         best = (k & u) | (best & ~u);
+    }
+    if (affine) {
+        const vf r = m * load_f(j->scale + b) + load_f(j->shift + b);
+        m = (vf)((vi)r & ((r > 0) | (r != r)));
+        if (bf16) bits = round_bf16(m);
     }
     if (bf16) {
         const vh h = __builtin_convertvector((vu)bits >> 16, vh);
@@ -129,10 +137,10 @@ static inline __attribute__((always_inline)) void pool_store(const job *j, const
     }
 }
 
-/* `ci`, `bf16` and `keep` are constants at each call below, so each combination compiles to its own
- * loops, with the accumulators in registers. */
+/* `ci`, `bf16`, `keep` and `affine` are constants at each call below, so each combination compiles to
+ * its own loops, with the accumulators in registers. */
 static inline __attribute__((always_inline)) void forward_part(const job *j, int64_t begin, int64_t end, int64_t ci,
-                                                               int bf16, int keep) {
+                                                               int bf16, int keep, int affine) {
     const int64_t co = j->co, oh = j->h / 2, ow = j->w_ / 2, stride = (j->w_ + 2) * ci;
     float pad[4 * stride]; /* the caller bounds W and CI: a few KB */
     vf acc[2][4];
@@ -142,12 +150,12 @@ static inline __attribute__((always_inline)) void forward_part(const job *j, int
             int64_t col = 0;
             for (; col + 2 <= ow; col += 2) {
                 windows(pad, j->w, stride, ci, co, col, b, 2, acc);
-                pool_store(j, acc[0], (r * ow + col) * co + b, bf16, keep);
-                pool_store(j, acc[1], (r * ow + col + 1) * co + b, bf16, keep);
+                pool_store(j, acc[0], (r * ow + col) * co + b, b, bf16, keep, affine);
+                pool_store(j, acc[1], (r * ow + col + 1) * co + b, b, bf16, keep, affine);
             }
             if (col < ow) {
                 windows(pad, j->w, stride, ci, co, col, b, 1, acc);
-                pool_store(j, acc[0], (r * ow + col) * co + b, bf16, keep);
+                pool_store(j, acc[0], (r * ow + col) * co + b, b, bf16, keep, affine);
             }
         }
     }
@@ -184,14 +192,16 @@ static inline __attribute__((always_inline)) void backward_part(const job *j, in
 }
 
 static void forward(const job *j, int64_t begin, int64_t end, int bf16) {
-    const int keep = j->idx != NULL;
+    const int keep = j->idx != NULL, affine = j->scale != NULL;
 #define FORWARD(CI)                                                     \
     if (bf16) {                                                         \
-        if (keep) forward_part(j, begin, end, CI, 1, 1);                \
-        else forward_part(j, begin, end, CI, 1, 0);                     \
+        if (keep) forward_part(j, begin, end, CI, 1, 1, 0);             \
+        else if (affine) forward_part(j, begin, end, CI, 1, 0, 1);      \
+        else forward_part(j, begin, end, CI, 1, 0, 0);                  \
     } else {                                                            \
-        if (keep) forward_part(j, begin, end, CI, 0, 1);                \
-        else forward_part(j, begin, end, CI, 0, 0);                     \
+        if (keep) forward_part(j, begin, end, CI, 0, 1, 0);             \
+        else if (affine) forward_part(j, begin, end, CI, 0, 0, 1);      \
+        else forward_part(j, begin, end, CI, 0, 0, 0);                  \
     }
     if (j->ci == 1) { FORWARD(1) } else if (j->ci == 3) { FORWARD(3) } else { FORWARD(j->ci) }
 #undef FORWARD
@@ -206,10 +216,11 @@ static void backward(const job *j, int64_t begin, int64_t end, int part, int bf1
 }
 
 /* x: (n, h, w, ci) contiguous; w: (3, 3, ci, co) fp32; y: (n, h/2, w/2, co); idx: the same size in
- * bytes, or NULL. bf16: x and y are bf16 (and w holds bf16 values), else fp32. */
-void conv_pool_forward(const void *x, const float *w, void *y, uint8_t *idx, int64_t n, int64_t h, int64_t wd,
-                       int64_t ci, int64_t co, int bf16, int threads) {
-    const job j = {x, w, y, idx, NULL, h, wd, ci, co};
+ * bytes, or NULL; scale and shift: (co,) fp32 for inference's BatchNorm + ReLU on y (only without idx),
+ * or NULL. bf16: x and y are bf16 (and w holds bf16 values), else fp32. */
+void conv_pool_forward(const void *x, const float *w, void *y, uint8_t *idx, const float *scale, const float *shift,
+                       int64_t n, int64_t h, int64_t wd, int64_t ci, int64_t co, int bf16, int threads) {
+    const job j = {x, w, y, idx, scale, shift, NULL, h, wd, ci, co};
     const int64_t total = n * (h / 2);
     const int parts = parts_for(total, n * h * wd * co, threads);
 #pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1)
@@ -221,7 +232,7 @@ void conv_pool_forward(const void *x, const float *w, void *y, uint8_t *idx, int
 void conv_pool_backward_weight(const void *x, const void *grad_y, const uint8_t *idx, double *dw, int64_t n,
                                int64_t h, int64_t wd, int64_t ci, int64_t co, int bf16, int threads) {
     const int parts = parts_for(n, n * h * wd * co, threads);
-    const job j = {x, NULL, (void *)grad_y, (uint8_t *)idx, dw, h, wd, ci, co};
+    const job j = {x, NULL, (void *)grad_y, (uint8_t *)idx, NULL, NULL, dw, h, wd, ci, co};
 #pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1)
     for (int t = 0; t < parts; t++) backward(&j, part_begin(n, t, parts), part_begin(n, t + 1, parts), t, bf16);
 }

@@ -7,6 +7,8 @@ training step, and half of inference, on two cores of an Intel Xeon. Under CPU b
 computes what autocast's oneDNN convolution computes (bf16 inputs and weights, fp32 sums, bf16
 outputs) but sums in its own order, so an output can differ by one bf16 rounding step, and then a
 window's maximum can sit elsewhere; in fp32 the outputs agree to fp32 rounding. The input gets no gradient: it is the network's input.
+In inference, ``bn_relu=(scale, shift)`` also applies an eval-mode BatchNorm and a ReLU to the pooled
+values as they are written (:func:`maxpool2.bn_relu_terms`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from . import load
+from .maxpool2 import checked_terms
 
 #: Bounds that keep the kernel's stack buffers small: first layers of image networks are well inside.
 MAX_IN_CHANNELS, MAX_WIDTH = 4, 1024
@@ -25,7 +28,7 @@ MAX_IN_CHANNELS, MAX_WIDTH = 4, 1024
 def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Give the library's functions their C signatures (ctypes would pass 64-bit sizes wrongly)."""
     sizes = [ctypes.c_int64] * 5 + [ctypes.c_int, ctypes.c_int]
-    lib.conv_pool_forward.argtypes = [ctypes.c_void_p] * 4 + sizes
+    lib.conv_pool_forward.argtypes = [ctypes.c_void_p] * 6 + sizes
     lib.conv_pool_backward_weight.argtypes = [ctypes.c_void_p] * 4 + sizes
     lib.conv_pool_forward.restype = lib.conv_pool_backward_weight.restype = None
     return lib
@@ -66,13 +69,15 @@ def _inputs(x: Tensor, weight: Tensor, bf16: bool) -> tuple[Tensor, Tensor]:
     return x, w
 
 
-def _forward(x: Tensor, w: Tensor, bf16: bool, keep_index: bool, lib: ctypes.CDLL | None = None) -> tuple[Tensor, Tensor | None]:
+def _forward(x: Tensor, w: Tensor, bf16: bool, keep_index: bool, lib: ctypes.CDLL | None = None,
+             bn_relu: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
     n, h, wd, ci = x.shape
     co = w.shape[-1]
     y = torch.empty((n, co, h // 2, wd // 2), dtype=x.dtype, memory_format=torch.channels_last)
     index = torch.empty((n, h // 2, wd // 2, co), dtype=torch.uint8) if keep_index else None
+    scale, shift = (None, None) if bn_relu is None else (t.data_ptr() for t in checked_terms(bn_relu, co))
     (lib or _library()).conv_pool_forward(x.data_ptr(), w.data_ptr(), y.data_ptr(), None if index is None else index.data_ptr(),
-                                          n, h, wd, ci, co, bf16, torch.get_num_threads())
+                                          scale, shift, n, h, wd, ci, co, bf16, torch.get_num_threads())
     return y, index
 
 
@@ -105,10 +110,13 @@ def _weight_grad(x: Tensor, index: Tensor, grad: Tensor, bf16: bool, lib: ctypes
     return parts.sum(0).permute(3, 2, 0, 1).float().contiguous()
 
 
-def conv3x3_max_pool2(x: Tensor, weight: Tensor) -> Tensor:
+def conv3x3_max_pool2(x: Tensor, weight: Tensor, bn_relu: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """``F.max_pool2d(F.conv2d(x, weight, padding=1), 2)`` for an ``x`` and a convolution that
-    :func:`applies`, in channels_last; bf16 under CPU bf16 autocast."""
+    :func:`applies`, in channels_last; bf16 under CPU bf16 autocast. With ``bn_relu`` (inference only),
+    ``relu(bn(...))`` of it for an eval-mode ``bn``."""
     bf16 = _bf16()
     if torch.is_grad_enabled() and weight.requires_grad:
+        if bn_relu is not None:
+            raise ValueError("conv3x3_max_pool2's bn_relu is for inference: run it under torch.no_grad()")
         return _ConvMaxPool2.apply(x, weight, bf16)
-    return _forward(*_inputs(x, weight, bf16), bf16, keep_index=False)[0]
+    return _forward(*_inputs(x, weight, bf16), bf16, keep_index=False, bn_relu=bn_relu)[0]

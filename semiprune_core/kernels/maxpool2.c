@@ -20,12 +20,13 @@ typedef struct {
     const void *in;  /* forward: x (N, H, W, C); backward: grad of y (N, H/2, W/2, C) */
     void *out;       /* forward: y; backward: grad of x */
     uint8_t *idx;    /* (N, H/2, W/2, C): 0..3, the window position of the maximum; NULL: not kept */
+    const float *scale, *shift;  /* (C,): inference's BatchNorm + ReLU applied to y (bf16.h); NULL: none */
     int64_t h, w, c, begin, end;
 } job;
 
-/* `bf16` and `keep` are constants at every call, so each combination compiles to its own
+/* `bf16`, `keep` and `affine` are constants at every call, so each combination compiles to its own
  * vectorised loop; the running maximum is kept as stored bits and as a float to compare. */
-static inline __attribute__((always_inline)) void forward_rows(const job *j, int bf16, int keep) {
+static inline __attribute__((always_inline)) void forward_rows(const job *j, int bf16, int keep, int affine) {
     const int64_t w = j->w, c = j->c, oh = j->h / 2, ow = j->w / 2, size = bf16 ? 2 : 4;
     for (int64_t r = j->begin; r < j->end; r++) {  /* r: (image, output row) */
         const char *row0 = (const char *)j->in + ((r / oh) * j->h + 2 * (r % oh)) * w * c * size;
@@ -48,7 +49,7 @@ static inline __attribute__((always_inline)) void forward_rows(const job *j, int
                     v = bf16_value(b[k]); u = (v > m) | (v != v); m = u ? v : m; bits = u ? b[k] : bits; at = u ? 1 : at;
                     v = bf16_value(d[k]); u = (v > m) | (v != v); m = u ? v : m; bits = u ? d[k] : bits; at = u ? 2 : at;
                     v = bf16_value(e[k]); u = (v > m) | (v != v); bits = u ? e[k] : bits; at = u ? 3 : at;
-                    y[k] = bits;
+                    y[k] = affine ? bf16_round(bn_relu(bf16_value(bits), j->scale[k], j->shift[k])) : bits;
                     if (keep) index[k] = at;
                 }
             } else {
@@ -63,7 +64,7 @@ static inline __attribute__((always_inline)) void forward_rows(const job *j, int
                     v = b[k]; u = (v > m) | (v != v); m = u ? v : m; at = u ? 1 : at;
                     v = d[k]; u = (v > m) | (v != v); m = u ? v : m; at = u ? 2 : at;
                     v = e[k]; u = (v > m) | (v != v); m = u ? v : m; at = u ? 3 : at;
-                    y[k] = m;
+                    y[k] = affine ? bn_relu(m, j->scale[k], j->shift[k]) : m;
                     if (keep) index[k] = at;
                 }
             }
@@ -103,10 +104,12 @@ static inline __attribute__((always_inline)) void forward_rows(const job *j, int
         }                                                                                          \
     }
 
-static void forward_bf16(const job *j) { forward_rows(j, 1, 1); }
-static void forward_bf16_values(const job *j) { forward_rows(j, 1, 0); }
-static void forward_f32(const job *j) { forward_rows(j, 0, 1); }
-static void forward_f32_values(const job *j) { forward_rows(j, 0, 0); }
+static void forward_bf16(const job *j) { forward_rows(j, 1, 1, 0); }
+static void forward_bf16_values(const job *j) { forward_rows(j, 1, 0, 0); }
+static void forward_bf16_bn_relu(const job *j) { forward_rows(j, 1, 0, 1); }
+static void forward_f32(const job *j) { forward_rows(j, 0, 1, 0); }
+static void forward_f32_values(const job *j) { forward_rows(j, 0, 0, 0); }
+static void forward_f32_bn_relu(const job *j) { forward_rows(j, 0, 0, 1); }
 BACKWARD(backward_16, uint16_t)
 BACKWARD(backward_32, uint32_t)
 
@@ -122,17 +125,20 @@ static void run(void (*fn)(const job *), job base, int64_t total, int64_t elemen
     }
 }
 
-/* x: (n, h, w, c) contiguous; y: (n, h/2, w/2, c); idx: the same size in bytes, or NULL. */
-void maxpool2_forward(const void *x, void *y, uint8_t *idx, int64_t n, int64_t h, int64_t w, int64_t c,
-                     int bf16, int threads) {
-    job j = {x, y, idx, h, w, c, 0, 0};
-    void (*fn)(const job *) = bf16 ? (idx ? forward_bf16 : forward_bf16_values) : (idx ? forward_f32 : forward_f32_values);
+/* x: (n, h, w, c) contiguous; y: (n, h/2, w/2, c); idx: the same size in bytes, or NULL; scale and
+ * shift: (c,) fp32 for inference's BatchNorm + ReLU on y (only without idx), or NULL. */
+void maxpool2_forward(const void *x, void *y, uint8_t *idx, const float *scale, const float *shift, int64_t n,
+                     int64_t h, int64_t w, int64_t c, int bf16, int threads) {
+    job j = {x, y, idx, scale, shift, h, w, c, 0, 0};
+    void (*fn)(const job *) = idx ? (bf16 ? forward_bf16 : forward_f32)
+                            : scale ? (bf16 ? forward_bf16_bn_relu : forward_f32_bn_relu)
+                                    : (bf16 ? forward_bf16_values : forward_f32_values);
     run(fn, j, n * (h / 2), n * h * w * c, threads);
 }
 
 /* grad_y: (n, h/2, w/2, c) contiguous; grad_x: (n, h, w, c), every element written. */
 void maxpool2_backward(const void *grad_y, const uint8_t *idx, void *grad_x, int64_t n, int64_t h, int64_t w,
                       int64_t c, int bf16, int threads) {
-    job j = {grad_y, grad_x, (uint8_t *)idx, h, w, c, 0, 0};
+    job j = {grad_y, grad_x, (uint8_t *)idx, NULL, NULL, h, w, c, 0, 0};
     run(bf16 ? backward_16 : backward_32, j, n, n * h * w * c, threads);
 }

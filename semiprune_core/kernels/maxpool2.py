@@ -4,7 +4,8 @@
 (the first maximum in row-major order takes the gradient) and NaNs, for every ``x`` that
 :func:`applies`. It keeps a one-byte index of each window's maximum instead of torch's int64, and
 its backward writes the input gradient in one pass instead of a zero-fill and a scatter; without
-autograd it keeps no index at all.
+autograd it keeps no index at all. In inference, ``max_pool2(x, bn_relu=(scale, shift))`` also applies
+an eval-mode BatchNorm and a ReLU to the pooled values as it writes them (:func:`bn_relu_terms`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import ctypes
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import load
 
@@ -23,7 +24,7 @@ def _library() -> ctypes.CDLL | None:
     lib = load("maxpool2")
     if lib is not None and lib.maxpool2_forward.argtypes is None:
         sizes = [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_int]
-        lib.maxpool2_forward.argtypes = [ctypes.c_void_p] * 3 + sizes
+        lib.maxpool2_forward.argtypes = [ctypes.c_void_p] * 5 + sizes
         lib.maxpool2_backward.argtypes = [ctypes.c_void_p] * 3 + sizes
         lib.maxpool2_forward.restype = lib.maxpool2_backward.restype = None
     return lib
@@ -37,13 +38,36 @@ def applies(x: Tensor) -> bool:
             and _library() is not None)
 
 
-def _pool(x: Tensor, keep_index: bool) -> tuple[Tensor, Tensor | None]:
+def bn_relu_terms(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """The per-channel ``(scale, shift)``, fp32, with which an eval-mode ``bn`` (running statistics)
+    followed by a ReLU is ``max(0, fma(v, scale, shift))``, as torch's CPU kernel computes it: scale =
+    weight / sqrt(var + eps) in fp32, shift = bias - mean * scale rounded once (the product is exact in
+    float64). With these terms the fused kernels give torch's bits in fp32 as in bf16."""
+    scale = 1 / torch.sqrt(bn.running_var.detach().float() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.detach().float()
+    shift = -bn.running_mean.detach().double() * scale.double()
+    if bn.bias is not None:
+        shift = bn.bias.detach().double() + shift
+    return scale.contiguous(), shift.float().contiguous()
+
+
+def _pool(x: Tensor, keep_index: bool, bn_relu: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
     n, c, h, w = x.shape
     y = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, memory_format=torch.channels_last)
     index = torch.empty((n, h // 2, w // 2, c), dtype=torch.uint8) if keep_index else None
-    _library().maxpool2_forward(x.data_ptr(), y.data_ptr(), None if index is None else index.data_ptr(),
+    scale, shift = (None, None) if bn_relu is None else (t.data_ptr() for t in checked_terms(bn_relu, c))
+    _library().maxpool2_forward(x.data_ptr(), y.data_ptr(), None if index is None else index.data_ptr(), scale, shift,
                                 n, h, w, c, x.dtype == torch.bfloat16, torch.get_num_threads())
     return y, index
+
+
+def checked_terms(bn_relu: tuple[Tensor, Tensor], channels: int) -> tuple[Tensor, Tensor]:
+    """Checks ``(scale, shift)`` before their pointers reach C: fp32 CPU vectors of ``channels``."""
+    for t in bn_relu:
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.shape != (channels,) or not t.is_contiguous():
+            raise ValueError(f"bn_relu terms must be contiguous fp32 CPU vectors of {channels} channels; use bn_relu_terms(bn)")
+    return bn_relu
 
 
 class _MaxPool2(torch.autograd.Function):
@@ -66,8 +90,11 @@ class _MaxPool2(torch.autograd.Function):
         return grad_x
 
 
-def max_pool2(x: Tensor) -> Tensor:
-    """``F.max_pool2d(x, 2)`` of an ``x`` that :func:`applies`."""
+def max_pool2(x: Tensor, bn_relu: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """``F.max_pool2d(x, 2)`` of an ``x`` that :func:`applies`; with ``bn_relu`` (inference only: no
+    gradient flows through it), ``relu(bn(F.max_pool2d(x, 2)))`` of an eval-mode ``bn``."""
     if torch.is_grad_enabled() and x.requires_grad:
+        if bn_relu is not None:
+            raise ValueError("max_pool2's bn_relu is for inference: run it under torch.no_grad()")
         return _MaxPool2.apply(x)
-    return _pool(x, keep_index=False)[0]
+    return _pool(x, keep_index=False, bn_relu=bn_relu)[0]

@@ -333,3 +333,87 @@ def test_fastcnn_trains_with_the_fused_first_layer_as_with_torchs(monkeypatch):
     assert abs(fused[0] - plain[0]) < 1e-2
     assert abs(sum(fused) - sum(plain)) < 0.05 * sum(plain)  # a wrong weight gradient moves this by half
     assert sum(plain[-8:]) < 0.1 and sum(fused[-8:]) < 0.1  # both fit
+
+
+def _eval_batchnorm(channels: int, seed: int = 0) -> torch.nn.BatchNorm2d:
+    """An eval-mode BatchNorm with trained-looking statistics and affine terms of both signs."""
+    gen = torch.Generator().manual_seed(seed)
+    bn = torch.nn.BatchNorm2d(channels).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.rand(channels, generator=gen) * 2 - 1)
+        bn.running_var.copy_(torch.rand(channels, generator=gen) * 3 + 0.1)
+        bn.weight.copy_(torch.rand(channels, generator=gen) * 4 - 2)
+        bn.bias.copy_(torch.rand(channels, generator=gen) * 2 - 1)
+    return bn
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(256, 32, 14, 14), (512, 64, 7, 7), (3, 16, 7, 9), (2, 5, 2, 3), (160, 16, 28, 28)])
+def test_inference_pool_applies_batchnorm_and_relu_as_torch(shape, dtype):
+    bn = _eval_batchnorm(shape[1])
+    x = _ties_and_nans(shape, dtype) + torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    with torch.no_grad():
+        want = F.relu(bn(F.max_pool2d(x, 2)))
+        got = native.max_pool2(x, native.bn_relu_terms(bn))
+    assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got.isnan(), want.isnan()) and want.isnan().any()  # a NaN in a window stays a NaN
+    if dtype == torch.bfloat16:
+        assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    else:  # torch's fp32 kernel itself rounds some outputs differently by shape (0-3 % of them): one step
+        torch.testing.assert_close(got, want, rtol=2.4e-7, atol=1e-7, equal_nan=True)
+
+
+@needs_compiler
+@pytest.mark.parametrize("bf16", [True, False])
+def test_inference_conv_and_pool_apply_batchnorm_and_relu_as_torch(bf16):
+    conv, bn = _first_layer(1, 16), _eval_batchnorm(16)
+    x = torch.randn(96, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    x[3, 0, 5, 6] = float("nan")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        want = F.relu(bn(conv_pool.conv3x3_max_pool2(x, conv.weight)))
+        got = conv_pool.conv3x3_max_pool2(x, conv.weight, native.bn_relu_terms(bn))
+    assert got.dtype == want.dtype and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got.isnan(), want.isnan()) and want.isnan().any()
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+@needs_compiler
+def test_batchnorm_terms_are_refused_where_a_gradient_is_wanted_or_they_do_not_fit():
+    terms = native.bn_relu_terms(_eval_batchnorm(16))
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="for inference"):
+        native.max_pool2(x.requires_grad_(), terms)
+    with pytest.raises(ValueError, match="for inference"):
+        conv_pool.conv3x3_max_pool2(torch.randn(2, 1, 8, 8), _first_layer(1, 16).weight, terms)
+    with torch.no_grad(), pytest.raises(ValueError, match="16 channels"):
+        native.max_pool2(x, (terms[0][:8], terms[1][:8]))
+    with torch.no_grad(), pytest.raises(ValueError, match="fp32"):
+        native.max_pool2(x, (terms[0].double(), terms[1]))
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", ["fastcnn", "fastcnn_l"])
+def test_fastcnn_inference_folds_batchnorm_and_relu_into_its_pools_to_torchs_bits(name, monkeypatch):
+    model = create_model(name, in_channels=1, num_classes=10, image_size=28, seed=0).to(memory_format=torch.channels_last)
+    norms = [m for m in model.body if isinstance(m, torch.nn.BatchNorm2d)]
+    for i, bn in enumerate(norms):
+        bn.load_state_dict(_eval_batchnorm(bn.num_features, seed=i).state_dict())
+    model.eval()
+    calls = []
+    for bn in norms:
+        bn.register_forward_hook(lambda m, args, out: calls.append(m))
+    x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = model(x)
+        assert calls == [norms[-1]]  # the three after a pool ran inside the kernels; the last follows a conv
+        monkeypatch.setattr(conv_pool, "applies", lambda x, conv: False)
+        monkeypatch.setattr(native, "applies", lambda x: False)
+        plain = model(x)
+    assert torch.equal(fused, plain)
+    calls.clear()
+    monkeypatch.undo()
+    model.train()  # training-mode BatchNorm normalises with the batch's statistics: nothing is folded
+    with torch.no_grad():
+        model(x)
+    assert len(calls) == len(norms)
