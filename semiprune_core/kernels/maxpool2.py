@@ -42,7 +42,8 @@ def bn_relu_terms(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     """The per-channel ``(scale, shift)``, fp32, with which an eval-mode ``bn`` (running statistics)
     followed by a ReLU is ``max(0, fma(v, scale, shift))``, as torch's CPU kernel computes it: scale =
     weight / sqrt(var + eps) in fp32, shift = bias - mean * scale rounded once (the product is exact in
-    float64). With these terms the fused kernels give torch's bits in fp32 as in bf16."""
+    float64). With these terms the fused kernels give torch's bits in bf16; in fp32 torch's own kernel
+    rounds some outputs differently depending on the shape, and they agree to one rounding step."""
     scale = 1 / torch.sqrt(bn.running_var.detach().float() + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight.detach().float()

@@ -147,7 +147,9 @@ class FastCNN(Classifier):
 
     On a CPU the first conv and its pool run as one native kernel where it builds
     (:mod:`semiprune_core.kernels.conv_pool`): torch's values up to the order of fp32 sums, its
-    weight gradient summed in fp32 where oneDNN's bf16 kernel rounds it to bf16.
+    weight gradient summed in fp32 where oneDNN's bf16 kernel rounds it to bf16. In inference (no
+    gradient, eval mode) the pool kernels also apply the BatchNorm and ReLU after them, so those
+    modules are not called there (their forward hooks do not run).
 
     ``stem="s2d"`` replaces the first stage's full-resolution conv + pool by a space-to-depth
     rearrangement (each 2x2 pixel block becomes 4 channels) and a conv (with bias, no BatchNorm,
