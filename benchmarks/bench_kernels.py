@@ -6,14 +6,16 @@
 (b) The first conv fused with its pool (``conv_pool``) against oneDNN's conv and the pool above, at
     the first layers of ``fastcnn`` and ``fastcnn_l`` (bf16 autocast): forward + weight gradient, and
     the inference forward.
-(c) One epoch of the engine on Fashion-MNIST per model and batch (``--train fastcnn:960 ...``, bf16),
-    with and without the kernels, alternated ``--rounds`` times (on, off, off, on, ...); the median
-    images per second of each.
-(d) Inference per model (``--inference fastcnn fastcnn_l fastcnn_s``): :func:`predict` over 20,000
+(c) A training-mode BatchNorm and its ReLU (``bn_relu``) against torch's two, forward + backward at
+    the shapes ``fastcnn`` and ``fastcnn_s`` train (bf16).
+(d) One epoch of the engine on Fashion-MNIST per model and batch (``--train fastcnn:960 ...``, bf16)
+    three ways, alternated ``--rounds`` times: torch's kernels, the native kernels with BatchNorm and
+    ReLU left to torch, and every native kernel; the median images per second of each.
+(e) Inference per model (``--inference fastcnn fastcnn_l fastcnn_s``): :func:`predict` over 20,000
     Fashion-MNIST images (bf16) three ways, alternated ``--rounds`` times: torch's kernels, the native
     kernels with BatchNorm and ReLU run apart, and the native kernels applying them as the pools write
     (what inference runs); the median images per second of each.
-(e) With ``--accuracy-seeds N``: the test accuracy of each ``--accuracy MODEL:BATCH`` trained on the
+(f) With ``--accuracy-seeds N``: the test accuracy of each ``--accuracy MODEL:BATCH`` trained on the
     whole of Fashion-MNIST for ``--accuracy-epochs`` (bf16, weak view, Nesterov SGD with warmup and
     cosine) with and without the kernels, seeds 0..N-1: the fused first layer is not bit for bit
     oneDNN's, so its effect on accuracy is measured against the seeds' spread.
@@ -40,7 +42,7 @@ from bench_engine import load_fashion  # noqa: E402
 
 from semiprune_core import kernels  # noqa: E402
 from semiprune_core.allocator import keep_freed_memory  # noqa: E402
-from semiprune_core.kernels import conv_pool, maxpool2  # noqa: E402
+from semiprune_core.kernels import bn_relu, conv_pool, maxpool2  # noqa: E402
 from semiprune_core.models import create_model  # noqa: E402
 from semiprune_core.models import fastcnn  # noqa: E402
 from semiprune_core.models.fastcnn import MaxPool2  # noqa: E402
@@ -48,11 +50,17 @@ from semiprune_core.training import Schedule, SupervisedObjective, evaluate, fit
 
 POOL_SHAPES = [(960, 16, 28, 28), (960, 32, 14, 14), (960, 64, 7, 7), (256, 16, 28, 28), (256, 16, 14, 14), (256, 32, 7, 7)]
 CONV_POOL_SHAPES = [(960, 1, 16, 28), (256, 1, 16, 28), (256, 1, 32, 28)]  # batch, c_in, c_out, size
-NATIVE_APPLIES = maxpool2.applies, conv_pool.applies
+BN_RELU_SHAPES = [(960, 16, 14, 14), (960, 32, 7, 7), (960, 64, 3, 3), (960, 128, 3, 3), (256, 16, 7, 7), (256, 64, 3, 3)]
+NATIVE_APPLIES = {"maxpool2": maxpool2.applies, "conv_pool": conv_pool.applies, "bn_relu": bn_relu.applies}
+TORCH_APPLIES = {"maxpool2": lambda x: False, "conv_pool": lambda x, conv: False, "bn_relu": lambda x, bn: False}
 
 
-def use_native(on: bool) -> None:
-    maxpool2.applies, conv_pool.applies = NATIVE_APPLIES if on else (lambda x: False, lambda x, conv: False)
+def use_native(on: bool | tuple[str, ...]) -> None:
+    """Every kernel (True), none (False), or the ones named."""
+    names = NATIVE_APPLIES if on is True else () if on is False else on
+    for name in NATIVE_APPLIES:
+        setattr({"maxpool2": maxpool2, "conv_pool": conv_pool, "bn_relu": bn_relu}[name], "applies",
+                (NATIVE_APPLIES if name in names else TORCH_APPLIES)[name])
 
 
 def median_ms(fn, reps: int) -> float:
@@ -116,27 +124,49 @@ def conv_pools(reps: int) -> list[dict]:
     return rows
 
 
+def bn_relus(reps: int) -> list[dict]:
+    rows = []
+    for shape in BN_RELU_SHAPES:
+        bn = torch.nn.BatchNorm2d(shape[1])
+        x = torch.randn(shape).to(torch.bfloat16).contiguous(memory_format=torch.channels_last).requires_grad_()
+        grad = torch.randn(shape).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        row = {"shape": list(shape), "dtype": "bfloat16"}
+        for on in (True, False):
+            use_native(on)
+            layer = (lambda: bn_relu.batch_norm_relu(x, bn)) if bn_relu.applies(x, bn) else (lambda: torch.relu(bn(x)))
+            row[f"train_ms_{'native' if on else 'torch'}"] = median_ms(lambda: torch.autograd.grad(layer(), x, grad), reps)
+        use_native(True)
+        rows.append(row)
+        print(f"training BatchNorm + ReLU {str(tuple(shape)):>18}: forward+backward {row['train_ms_torch']:.3f} -> "
+              f"{row['train_ms_native']:.3f} ms ({row['train_ms_torch'] / row['train_ms_native']:.2f}x)", flush=True)
+    return rows
+
+
 def training(specs: list[str], rounds: int) -> list[dict]:
     x, y, _, _ = load_fashion()
+    ways = {"torch": False, "native_bn_apart": ("maxpool2", "conv_pool"), "native": True}
     rows = []
     for spec in specs:
         name, batch = spec.split(":")
         batch = int(batch)
         n = min(len(x), batch * (20 if batch >= 512 else 60))  # one epoch of 20-60 steps
-        rates: dict[bool, list[float]] = {True: [], False: []}
+        rates: dict[str, list[float]] = {way: [] for way in ways}
         for r in range(rounds):
-            for on in (True, False) if r % 2 == 0 else (False, True):
-                use_native(on)
+            for way in list(ways)[:: 1 if r % 2 == 0 else -1]:
+                use_native(ways[way])
                 model = create_model(name, in_channels=1, num_classes=10, image_size=28, seed=0)
                 objective = SupervisedObjective(x[:n], y[:n], view="weak")
                 t0 = time.perf_counter()
                 fit(model, objective, Schedule(epochs=1, batch_size=batch, lr=0.1, warmup=0.05), seed=0, device="cpu", precision="bf16")
-                rates[on].append(n / (time.perf_counter() - t0))
+                rates[way].append(n / (time.perf_counter() - t0))
         use_native(True)
-        native, plain = statistics.median(rates[True]), statistics.median(rates[False])
+        rate = {way: statistics.median(v) for way, v in rates.items()}
         rows.append({"model": name, "batch_size": batch, "images": n, "rounds": rounds,
-                     "img_per_s_native": native, "img_per_s_torch": plain, "speedup": native / plain})
-        print(f"{name} batch {batch}: {plain:,.0f} -> {native:,.0f} img/s ({native / plain:.2f}x)", flush=True)
+                     **{f"img_per_s_{way}": v for way, v in rate.items()}, "speedup": rate["native"] / rate["torch"],
+                     "speedup_bn_relu": rate["native"] / rate["native_bn_apart"]})
+        print(f"{name} batch {batch}: torch {rate['torch']:,.0f}, native with BatchNorm apart {rate['native_bn_apart']:,.0f}, "
+              f"all native {rate['native']:,.0f} img/s ({rate['native'] / rate['torch']:.2f}x; the BatchNorm kernel "
+              f"{rate['native'] / rate['native_bn_apart']:.2f}x)", flush=True)
     return rows
 
 
@@ -209,7 +239,8 @@ def main() -> None:
     keep_freed_memory()  # as every stage process does
     report = {"machine": {"platform": platform.platform(), "cpu": kernels.cpu_model(),
                           "torch": torch.__version__, "threads": torch.get_num_threads()},
-              "max_pool": pools(args.reps), "conv_pool": conv_pools(args.reps), "training": training(args.train, args.rounds),
+              "max_pool": pools(args.reps), "conv_pool": conv_pools(args.reps), "bn_relu": bn_relus(args.reps),
+              "training": training(args.train, args.rounds),
               "inference": inference(args.inference, args.rounds)}
     if args.accuracy_seeds:
         report["accuracy"] = accuracy(args.accuracy, args.accuracy_seeds, args.accuracy_epochs)

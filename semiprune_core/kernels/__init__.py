@@ -1,8 +1,9 @@
 """Native CPU kernels: C sources in this package, compiled once per machine, called through ctypes.
 
 A kernel here exists only where a profile showed torch's CPU kernels as a large share of a training
-step. ``maxpool2`` computes torch's bits; ``conv_pool`` (a first conv fused with its pool) computes
-torch's values up to the order of fp32 sums. Callers fall back to torch where none can be built (no
+step. ``maxpool2`` computes torch's bits; ``conv_pool`` (a first conv fused with its pool) and
+``bn_relu`` (a training-mode BatchNorm and its ReLU) compute torch's values up to the order of fp32
+sums. Callers fall back to torch where none can be built (no
 C compiler, a read-only cache, a failed build) or where ``SEMIPRUNE_NATIVE=0`` turns them off.
 
 Build: ``$CC`` (default ``cc``) with :data:`FLAGS` (``-O3 -march=native -fopenmp`` ...), about 0.5 s,
@@ -34,7 +35,7 @@ FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=256", "-shared", "-fPIC"
 
 
 #: every kernel in this package
-NAMES = ("maxpool2", "conv_pool")
+NAMES = ("maxpool2", "conv_pool", "bn_relu")
 
 
 def enabled(name: str | None = None) -> bool:

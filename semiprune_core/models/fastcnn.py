@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..kernels import bn_relu as native_bn_relu
 from ..kernels import conv_pool as native_conv_pool
 from ..kernels import maxpool2 as native_max_pool
 from .base import Classifier
@@ -120,10 +121,14 @@ class Conv3x3(nn.Conv2d):
         return super().forward(x)
 
 
+def _relu_at(body: nn.Sequential, i: int) -> bool:
+    return i < len(body) and isinstance(body[i], nn.ReLU)
+
+
 def _bn_relu_after(body: nn.Sequential, i: int) -> tuple[Tensor, Tensor] | None:
     """The fused kernels' terms of ``body[i]``, ``body[i + 1]`` if they are an eval-mode BatchNorm with
     running statistics and a ReLU, else None."""
-    if i + 1 < len(body) and isinstance(body[i + 1], nn.ReLU):
+    if _relu_at(body, i + 1):
         bn = body[i]
         if isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.running_var is not None:
             return native_max_pool.bn_relu_terms(bn)
@@ -148,8 +153,10 @@ class FastCNN(Classifier):
     On a CPU the first conv and its pool run as one native kernel where it builds
     (:mod:`semiprune_core.kernels.conv_pool`): torch's values up to the order of fp32 sums, its
     weight gradient summed in fp32 where oneDNN's bf16 kernel rounds it to bf16. In inference (no
-    gradient, eval mode) the pool kernels also apply the BatchNorm and ReLU after them, so those
-    modules are not called there (their forward hooks do not run).
+    gradient, eval mode) the pool kernels also apply the BatchNorm and ReLU after them; in training
+    mode each BatchNorm and its ReLU run as one kernel (:mod:`semiprune_core.kernels.bn_relu`, torch's
+    values to rounding, the running statistics updated alike). Either way those modules are not called
+    (their forward hooks do not run).
 
     ``stem="s2d"`` replaces the first stage's full-resolution conv + pool by a space-to-depth
     rearrangement (each 2x2 pixel block becomes 4 channels) and a conv (with bias, no BatchNorm,
@@ -190,6 +197,10 @@ class FastCNN(Classifier):
                 # instead of two more passes over it (a quarter of fastcnn's inference)
                 x = native_max_pool.max_pool2(x, terms)
                 i += 3
+            elif _relu_at(body, i + 1) and native_bn_relu.applies(x, body[i]):
+                # a training-mode BatchNorm and its ReLU in one kernel: two passes over memory each way
+                x = native_bn_relu.batch_norm_relu(x, body[i])
+                i += 2
             else:
                 x = body[i](x)
                 i += 1

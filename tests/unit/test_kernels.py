@@ -3,6 +3,7 @@ machine, torch's kernels where none builds."""
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import logging
 import os
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from semiprune_core import kernels
+from semiprune_core.kernels import bn_relu
 from semiprune_core.kernels import conv_pool
 from semiprune_core.kernels import maxpool2 as native
 from semiprune_core.models import create_model
@@ -291,6 +293,7 @@ def test_fastcnn_runs_its_first_conv_and_pool_fused_to_torchs_logits(monkeypatch
     model = create_model("fastcnn", in_channels=1, num_classes=10, image_size=28, seed=0).to(memory_format=torch.channels_last)
     x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     seen = []
+    monkeypatch.setattr(bn_relu, "applies", lambda x, bn: False)  # the BatchNorm a module, to hook its input
     model.body[2].register_forward_pre_hook(lambda m, args: seen.append(args[0].grad_fn.name()))
     fused = model(x)
     monkeypatch.setattr(conv_pool, "applies", lambda x, conv: False)
@@ -304,8 +307,10 @@ def test_fastcnn_runs_its_first_conv_and_pool_fused_to_torchs_logits(monkeypatch
 
 
 @needs_compiler
-def test_fastcnn_trains_with_the_fused_first_layer_as_with_torchs(monkeypatch):
-    """Thirty bf16 steps on a learnable task: the same learning curve to bf16 noise, and the same fit.
+@pytest.mark.parametrize("kernel", ["conv_pool", "bn_relu"])
+def test_fastcnn_trains_with_each_native_kernel_as_with_torchs(kernel, monkeypatch):
+    """Thirty bf16 steps on a learnable task with the kernel and without it (torch's layers): the same
+    learning curve to bf16 noise, and the same fit.
 
     The step size keeps training out of the spiky regime, where bf16 rounding alone (oneDNN's too, or
     fp32 against bf16) moves single losses by tens of percent and the comparison would measure chaos."""
@@ -328,7 +333,7 @@ def test_fastcnn_trains_with_the_fused_first_layer_as_with_torchs(monkeypatch):
         return out
 
     fused = losses()
-    monkeypatch.setattr(conv_pool, "applies", lambda x, conv: False)
+    monkeypatch.setattr(bn_relu if kernel == "bn_relu" else conv_pool, "applies", lambda x, layer: False)
     plain = losses()
     assert abs(fused[0] - plain[0]) < 1e-2
     assert abs(sum(fused) - sum(plain)) < 0.05 * sum(plain)  # a wrong weight gradient moves this by half
@@ -411,9 +416,122 @@ def test_fastcnn_inference_folds_batchnorm_and_relu_into_its_pools_to_torchs_bit
         monkeypatch.setattr(native, "applies", lambda x: False)
         plain = model(x)
     assert torch.equal(fused, plain)
-    calls.clear()
     monkeypatch.undo()
     model.train()  # training-mode BatchNorm normalises with the batch's statistics: nothing is folded
+    plain_model = copy.deepcopy(model)
     with torch.no_grad():
+        trained = model(x)
+        monkeypatch.setattr(bn_relu, "applies", lambda x, bn: False)
+        want = plain_model(x)
+    torch.testing.assert_close(trained, want, rtol=1e-4, atol=1e-4)
+    for bn, plain_bn in zip(norms, (m for m in plain_model.body if isinstance(m, torch.nn.BatchNorm2d))):
+        torch.testing.assert_close(bn.running_var, plain_bn.running_var)  # moved from the eval statistics alike
+
+
+def _batchnorm(channels: int, seed: int = 0, **kwargs) -> torch.nn.BatchNorm2d:
+    """A training-mode BatchNorm with running statistics and affine terms of both signs."""
+    bn = _eval_batchnorm(channels, seed) if kwargs.get("affine", True) else torch.nn.BatchNorm2d(channels, affine=False)
+    fresh = torch.nn.BatchNorm2d(channels, **kwargs)
+    fresh.load_state_dict(bn.state_dict(), strict=False)
+    return fresh.train()
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
+def _check_against_float64(x: torch.Tensor, bn: torch.nn.BatchNorm2d, grad_tol: float, out_tol: float) -> None:
+    """batch_norm_relu(x, bn) against torch's BatchNorm and ReLU in float64 on the same values: the
+    output, every gradient and the running statistics. The reference's ReLU takes the kernel's mask,
+    so that an output within rounding of zero cannot flip it and move one gradient by a whole value."""
+    ref = copy.deepcopy(bn).double()
+    x = x.requires_grad_()
+    assert bn_relu.applies(x, bn)
+    y = bn_relu.batch_norm_relu(x, bn)
+    assert y.grad_fn.name() == "_BatchNormReLUBackward" and y.dtype == x.dtype
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    xd = x.detach().double().requires_grad_()
+    pre = ref(xd)
+    assert _rel_err(y, F.relu(pre)) < out_tol
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(x.dtype)
+    params = [p for p in (bn.weight, bn.bias) if p is not None]
+    got = torch.autograd.grad(y, [x, *params], grad)
+    want = torch.autograd.grad(pre, [xd, *[p for p in (ref.weight, ref.bias) if p is not None]], grad.double() * (y != 0))
+    assert _rel_err(got[0], want[0]) < grad_tol
+    for g, w in zip(got[1:], want[1:]):
+        assert g.dtype == torch.float32 and _rel_err(g, w) < 1e-5
+    assert bn.num_batches_tracked == ref.num_batches_tracked == 1
+    assert _rel_err(bn.running_mean, ref.running_mean) < 1e-6 and _rel_err(bn.running_var, ref.running_var) < 1e-6
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(256, 16, 14, 14), (96, 64, 3, 3), (3, 5, 7, 9), (3, 24, 1, 2)])
+def test_training_batchnorm_and_relu_give_torchs_values_gradients_and_running_statistics(shape, dtype):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 2 + 3
+    x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+    bf16 = dtype == torch.bfloat16
+    _check_against_float64(x, _batchnorm(shape[1]), grad_tol=4e-3 if bf16 else 1e-5, out_tol=4e-3 if bf16 else 1e-6)
+
+
+@needs_compiler
+def test_training_batchnorm_statistics_keep_their_precision_when_the_mean_is_large():
+    """fp32 values around 300 with a spread of 1: a sum of squares minus the squared mean would lose
+    about 1 % of the variance in fp32; the shifted sums keep it to fp32 rounding."""
+    x = (torch.randn(512, 16, 7, 7, generator=torch.Generator().manual_seed(2)) + 300).contiguous(memory_format=torch.channels_last)
+    _check_against_float64(x, _batchnorm(16), grad_tol=1e-4, out_tol=1e-5)
+
+
+@needs_compiler
+def test_training_batchnorm_without_affine_terms_or_running_statistics_is_torchs():
+    x = torch.randn(64, 16, 5, 5, generator=torch.Generator().manual_seed(3)).contiguous(memory_format=torch.channels_last)
+    for bn in (torch.nn.BatchNorm2d(16, affine=False), torch.nn.BatchNorm2d(16, track_running_stats=False)):
+        assert bn_relu.applies(x, bn)
+        got = bn_relu.batch_norm_relu(x.requires_grad_(), bn)
+        (grad_got,) = torch.autograd.grad(got.sum(), x)
+        want = F.relu(copy.deepcopy(bn)(x))
+        (grad_want,) = torch.autograd.grad(want.sum(), x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad_got, grad_want, rtol=1e-4, atol=1e-5)
+    assert bn.running_mean is None and bn.num_batches_tracked is None
+
+
+@needs_compiler
+def test_training_batchnorm_keeps_a_cumulative_average_where_momentum_is_none():
+    bn = _batchnorm(8, momentum=None)
+    want = copy.deepcopy(bn)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        x = (torch.randn(32, 8, 4, 4, generator=gen) * 3 + 1).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            bn_relu.batch_norm_relu(x, bn)
+            want(x)
+    assert bn.num_batches_tracked == want.num_batches_tracked == 3
+    torch.testing.assert_close(bn.running_mean, want.running_mean)
+    torch.testing.assert_close(bn.running_var, want.running_var)
+
+
+def test_batchnorms_the_kernel_does_not_take_are_refused():
+    x = torch.randn(4, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    bn = torch.nn.BatchNorm2d(8)
+    assert not bn_relu.applies(x, copy.deepcopy(bn).eval())  # running statistics: inference folds them (above)
+    assert not bn_relu.applies(torch.randn(4, 8, 5, 5), bn)  # NCHW
+    assert not bn_relu.applies(x.double(), bn)
+    assert not bn_relu.applies(x, copy.deepcopy(bn).double())
+    assert not bn_relu.applies(torch.randn(1, 8, 1, 1), bn)  # one value per channel: torch's error
+    assert not bn_relu.applies(x, torch.nn.BatchNorm1d(8))
+    assert not bn_relu.applies(x, torch.nn.BatchNorm2d(4))
+
+
+@needs_compiler
+def test_fastcnn_trains_its_batchnorms_in_the_kernel(monkeypatch):
+    model = create_model("fastcnn", in_channels=1, num_classes=10, image_size=28, seed=0).to(memory_format=torch.channels_last)
+    seen = []
+    for i, layer in enumerate(model.body):
+        if isinstance(layer, torch.nn.Conv2d) and i:
+            layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].grad_fn.name()))
+    x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         model(x)
-    assert len(calls) == len(norms)
+    assert seen == ["_BatchNormReLUBackward"] * 3
+    assert all(bn.num_batches_tracked == 1 for bn in model.modules() if isinstance(bn, torch.nn.BatchNorm2d))
