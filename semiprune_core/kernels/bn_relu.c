@@ -4,7 +4,7 @@
  * the weight's and the bias's gradients).
  *
  * torch runs these as BatchNorm's kernels and then ReLU's: on a bf16 channels-last tensor of a
- * fastcnn step they took 20-40x as long as a copy of it. Here the forward makes two passes over
+ * fastcnn step they took 20-50x as long as a copy of it. Here the forward makes two passes over
  * memory (statistics; output) and the backward two (its sums; the input's gradient).
  *
  * Sums are taken of each value minus its channel's value in the first row (the shifted-data
