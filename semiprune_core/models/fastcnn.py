@@ -48,6 +48,28 @@ class MaxPool2(nn.MaxPool2d):
         return torch.maximum(rows[..., 0::2], rows[..., 1::2])
 
 
+class SpaceToDepth(nn.PixelUnshuffle):
+    """``nn.PixelUnshuffle(2)``, the same values, written straight into channels_last.
+
+    torch's kernel wrote an NCHW tensor that the next conv then copied into channels_last: on
+    ``fastcnn_s``'s stem at batch 512 (1 -> 4 channels at 28x28, bf16) the two with the conv's forward
+    and backward took 1.63 ms, this 1.32 ms. Output channel ``4 * c + 2 * i + j`` holds the pixels at
+    row offset ``i`` and column offset ``j`` of channel ``c``, as in torch's.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        if h % 2 or w % 2:
+            return super().forward(x)  # torch's error
+        out = torch.empty((n, h // 2, w // 2, c, 4), dtype=x.dtype, device=x.device)
+        for k, (i, j) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+            out[..., k].copy_(x[:, :, i::2, j::2].permute(0, 2, 3, 1))
+        return out.view(n, h // 2, w // 2, 4 * c).permute(0, 3, 1, 2)
+
+
 @functools.cache
 def _tap_of_pairs(h: int, w: int, dtype: torch.dtype) -> Tensor:
     """(9, (h*w)**2) 0/1: row t marks the (output position, input position) pairs that kernel tap t
@@ -172,7 +194,7 @@ class FastCNN(Classifier):
             raise ValueError(f"fastcnn stem must be 'conv' or 's2d', got {stem!r}")
         if stem == "s2d":
             # no BatchNorm right after the stem conv: with 8 channels in channels_last it cost ~20% of a step
-            layers: list[nn.Module] = [nn.PixelUnshuffle(2), nn.Conv2d(4 * in_channels, widths[0], 3, padding=1), nn.ReLU(inplace=True)]
+            layers: list[nn.Module] = [SpaceToDepth(), nn.Conv2d(4 * in_channels, widths[0], 3, padding=1), nn.ReLU(inplace=True)]
             for _ in range(depth - 1):
                 layers += [Conv3x3(widths[0], widths[0]), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)]
         else:

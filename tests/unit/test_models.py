@@ -8,6 +8,7 @@ from torch import nn
 
 from semiprune_core.errors import ConfigError
 from semiprune_core.models import Classifier, create_model, list_models, register_model
+from semiprune_core.models.fastcnn import SpaceToDepth
 
 
 def test_list_models_names_the_built_in_models():
@@ -78,7 +79,18 @@ def test_fastcnn_stems_keep_full_resolution_activations_out_of_s2d():
     s2d = create_model("fastcnn", in_channels=3, num_classes=10, image_size=32, widths=(8, 16, 32, 64), stem="s2d")
     assert s2d.body[1].in_channels == 12 and s2d.body[1].stride == (1, 1)
     assert conv.body(x).shape == s2d.body(x).shape == (2, 64, 4, 4)
-    assert create_model("fastcnn_s", in_channels=1, num_classes=10, image_size=28).body[0].__class__.__name__ == "PixelUnshuffle"
+    assert isinstance(create_model("fastcnn_s", in_channels=1, num_classes=10, image_size=28).body[0], torch.nn.PixelUnshuffle)
+
+
+@pytest.mark.parametrize("shape", [(4, 1, 28, 28), (3, 3, 6, 10)])
+def test_the_s2d_stem_gives_pixel_unshuffles_values_in_channels_last(shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    got = SpaceToDepth()(x)
+    assert torch.equal(got, torch.nn.PixelUnshuffle(2)(x)) and got.is_contiguous(memory_format=torch.channels_last)
+    (grad,) = torch.autograd.grad(got, x, torch.arange(got.numel(), dtype=torch.float32).view(got.shape))
+    assert torch.equal(grad, torch.nn.PixelShuffle(2)(torch.arange(got.numel(), dtype=torch.float32).view(got.shape)))
+    with pytest.raises(RuntimeError):
+        SpaceToDepth()(torch.randn(1, 1, 5, 4))  # torch's error for a size the factor does not divide
 
 
 def test_seeded_init_is_reproducible_and_leaves_global_rng_alone():
