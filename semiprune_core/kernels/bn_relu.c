@@ -47,43 +47,25 @@ static inline __attribute__((always_inline)) void store(void *p, int64_t i, floa
         ((float *)p)[i] = v;
 }
 
-/* forward statistics: sums of (x - x[0]) and of its square */
-static inline __attribute__((always_inline)) void stats_rows(const job *j, int bf16) {
+/* Each channel's two sums over rows begin..end, in fp32 within blocks of BLOCK rows and in double
+ * across them. Forward (`grad` 0): of d = x - x[0] and of d * d. Backward: of the gradient where the
+ * ReLU let it through (as the forward's output decides it; a NaN passes), gm, and of gm * (x - mean). */
+static inline __attribute__((always_inline)) void sums_rows(const job *j, int bf16, int grad) {
     const int64_t c = j->c;
+    const float *scale = j->t + 2 * c, *shift = j->t + 3 * c;
     double *s = j->sums, *q = s + c;
     float fs[c], fq[c], ref[c];
-    for (int64_t k = 0; k < c; k++) ref[k] = load(j->x, k, bf16), s[k] = q[k] = 0;
+    for (int64_t k = 0; k < c; k++) ref[k] = grad ? j->t[k] : load(j->x, k, bf16), s[k] = q[k] = 0;
     for (int64_t r0 = j->begin; r0 < j->end; r0 += BLOCK) {
         const int64_t r1 = r0 + BLOCK < j->end ? r0 + BLOCK : j->end;
         memset(fs, 0, sizeof fs), memset(fq, 0, sizeof fq);
         for (int64_t r = r0; r < r1; r++) {
 #pragma GCC ivdep
             for (int64_t k = 0; k < c; k++) {
-                const float v = load(j->x, r * c + k, bf16) - ref[k];
-                fs[k] += v, fq[k] += v * v;
-            }
-        }
-        for (int64_t k = 0; k < c; k++) s[k] += fs[k], q[k] += fq[k];
-    }
-}
-
-/* backward sums: of the gradient where the ReLU let it through (as the forward's output decides it;
- * a NaN passes), and of that times (x - mean) */
-static inline __attribute__((always_inline)) void grad_sums_rows(const job *j, int bf16) {
-    const int64_t c = j->c;
-    const float *mean = j->t, *scale = j->t + 2 * c, *shift = j->t + 3 * c;
-    double *s = j->sums, *q = s + c;
-    float fs[c], fq[c];
-    for (int64_t k = 0; k < c; k++) s[k] = q[k] = 0;
-    for (int64_t r0 = j->begin; r0 < j->end; r0 += BLOCK) {
-        const int64_t r1 = r0 + BLOCK < j->end ? r0 + BLOCK : j->end;
-        memset(fs, 0, sizeof fs), memset(fq, 0, sizeof fq);
-        for (int64_t r = r0; r < r1; r++) {
-#pragma GCC ivdep
-            for (int64_t k = 0; k < c; k++) {
-                const float x = load(j->x, r * c + k, bf16), g = load(j->g, r * c + k, bf16);
-                const float gm = bn_relu(x, scale[k], shift[k]) <= 0.0f ? 0.0f : g;
-                fs[k] += gm, fq[k] += gm * (x - mean[k]);
+                const float x = load(j->x, r * c + k, bf16), d = x - ref[k];
+                const float g = grad ? load(j->g, r * c + k, bf16) : 0.0f;  /* loaded outside the select: vectorised */
+                const float a = !grad ? d : bn_relu(x, scale[k], shift[k]) <= 0.0f ? 0.0f : g;
+                fs[k] += a, fq[k] += a * (grad ? d : a);
             }
         }
         for (int64_t k = 0; k < c; k++) s[k] += fs[k], q[k] += fq[k];
@@ -112,10 +94,10 @@ static inline __attribute__((always_inline)) void grad_input_rows(const job *j, 
     }
 }
 
-static void stats_16(const job *j) { stats_rows(j, 1); }
-static void stats_32(const job *j) { stats_rows(j, 0); }
-static void grad_sums_16(const job *j) { grad_sums_rows(j, 1); }
-static void grad_sums_32(const job *j) { grad_sums_rows(j, 0); }
+static void stats_16(const job *j) { sums_rows(j, 1, 0); }
+static void stats_32(const job *j) { sums_rows(j, 0, 0); }
+static void grad_sums_16(const job *j) { sums_rows(j, 1, 1); }
+static void grad_sums_32(const job *j) { sums_rows(j, 0, 1); }
 static void output_16(const job *j) { output_rows(j, 1); }
 static void output_32(const job *j) { output_rows(j, 0); }
 static void grad_input_16(const job *j) { grad_input_rows(j, 1); }
