@@ -51,16 +51,16 @@ from semiprune_core.training import Schedule, SupervisedObjective, evaluate, fit
 POOL_SHAPES = [(960, 16, 28, 28), (960, 32, 14, 14), (960, 64, 7, 7), (256, 16, 28, 28), (256, 16, 14, 14), (256, 32, 7, 7)]
 CONV_POOL_SHAPES = [(960, 1, 16, 28), (256, 1, 16, 28), (256, 1, 32, 28)]  # batch, c_in, c_out, size
 BN_RELU_SHAPES = [(960, 16, 14, 14), (960, 32, 7, 7), (960, 64, 3, 3), (960, 128, 3, 3), (256, 16, 7, 7), (256, 64, 3, 3)]
-NATIVE_APPLIES = {"maxpool2": maxpool2.applies, "conv_pool": conv_pool.applies, "bn_relu": bn_relu.applies}
+KERNELS = {"maxpool2": maxpool2, "conv_pool": conv_pool, "bn_relu": bn_relu}
+NATIVE_APPLIES = {name: module.applies for name, module in KERNELS.items()}
 TORCH_APPLIES = {"maxpool2": lambda x: False, "conv_pool": lambda x, conv: False, "bn_relu": lambda x, bn: False}
 
 
 def use_native(on: bool | tuple[str, ...]) -> None:
     """Every kernel (True), none (False), or the ones named."""
-    names = NATIVE_APPLIES if on is True else () if on is False else on
-    for name in NATIVE_APPLIES:
-        setattr({"maxpool2": maxpool2, "conv_pool": conv_pool, "bn_relu": bn_relu}[name], "applies",
-                (NATIVE_APPLIES if name in names else TORCH_APPLIES)[name])
+    names = KERNELS if on is True else () if on is False else on
+    for name, module in KERNELS.items():
+        module.applies = (NATIVE_APPLIES if name in names else TORCH_APPLIES)[name]
 
 
 def median_ms(fn, reps: int) -> float:
