@@ -219,10 +219,10 @@ class SemiSupervisedObjective:
             if self.uses_unlabeled else [None] * steps
         )
         for rows, urows in zip(lab_rows, unl_chunks):
-            labeled = apply_view(self.labeled[rows], "weak", generator)
+            labeled = apply_view(self.labeled.index_select(0, rows), "weak", generator)
             weak = strong = None
             if urows is not None:
-                u = self.unlabeled[urows]
+                u = self.unlabeled.index_select(0, urows)
                 weak = apply_view(u, "weak", generator)
                 strong = apply_view(u, "strong", generator)
             yield SSLBatch(rows, labeled, self.targets[rows], urows, weak, strong)

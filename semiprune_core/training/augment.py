@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..kernels import pad_crop as native_pad_crop
 
 VIEWS = ("none", "weak", "strong")
 
@@ -87,10 +88,12 @@ def pad_crop(
         return x.clone()
     b, c, h, w = x.shape
     shift = torch.randint(-padding, padding + 1, (2, b), generator=generator, device=x.device)
+    flip = _uniform(b, generator, x.device) < flip_p if flip_p > 0 else None
+    if native_pad_crop.applies(x):  # the same bytes in one pass (uint8 on a CPU)
+        return native_pad_crop.pad_crop(x, shift, flip, reflect=mode == "reflect")
     rows = torch.arange(h, device=x.device) + shift[0, :, None]  # (B, H) source row of each output row
     cols = torch.arange(w, device=x.device) + shift[1, :, None]  # (B, W)
-    if flip_p > 0:
-        flip = _uniform(b, generator, x.device) < flip_p
+    if flip is not None:
         cols = torch.where(flip[:, None], cols.flip(1), cols)
     if mode == "reflect":
         rows_src, cols_src = _reflect(rows, h), _reflect(cols, w)

