@@ -224,25 +224,29 @@ def _color_op(name: str, x: Tensor, u: Tensor) -> Tensor:
     raise ValueError(f"unknown colour op {name!r}")
 
 
-def _geometric_matrix(name: str, u: Tensor) -> Tensor:
-    """(n, 3, 3) affine maps in affine_grid's normalised coordinates for op ``name``."""
+#: each op's kind in :func:`_geometric_matrices`: 0 a colour op, then the geometric ops in order
+_GEOMETRIC_KIND = {name: GEOMETRIC_OPS.index(name) + 1 if name in GEOMETRIC_OPS else 0 for name in DEFAULT_OPS}
+
+
+def _geometric_matrices(kind: Tensor, u: Tensor) -> Tensor:
+    """(n, 3, 3) affine maps in affine_grid's normalised coordinates, one per sample: the geometric op
+    of :data:`_GEOMETRIC_KIND` ``kind`` (n,) at magnitude u (n,) in [0, 1], the identity for colour
+    ops. Built for the whole batch at once: per op group it took a dozen small kernels and a batched
+    matrix product, 0.6 ms of a 4.3 ms strong view of 448 images."""
     s = 2.0 * u - 1.0  # signed magnitude in [-1, 1]
-    n = u.shape[0]
-    m = torch.eye(3, device=u.device).repeat(n, 1, 1)
-    if name == "rotate":
-        a = s * math.radians(MAX_ROTATE_DEG)
-        m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = a.cos(), -a.sin(), a.sin(), a.cos()
-    elif name == "shear_x":
-        m[:, 0, 1] = s * MAX_SHEAR
-    elif name == "shear_y":
-        m[:, 1, 0] = s * MAX_SHEAR
-    elif name == "translate_x":
-        m[:, 0, 2] = s * MAX_TRANSLATE * 2  # the image spans 2 units in normalised coordinates
-    elif name == "translate_y":
-        m[:, 1, 2] = s * MAX_TRANSLATE * 2
-    else:
-        raise ValueError(f"unknown geometric op {name!r}")
-    return m
+    a = s * math.radians(MAX_ROTATE_DEG)
+    cos, sin = a.cos(), a.sin()
+    shear, shift = s * MAX_SHEAR, s * MAX_TRANSLATE * 2  # the image spans 2 units in normalised coordinates
+    one, zero = torch.ones_like(s), torch.zeros_like(s)
+    rotate = kind == 1
+    rows = [
+        torch.where(rotate, cos, one), torch.where(rotate, -sin, torch.where(kind == 2, shear, zero)),
+        torch.where(kind == 4, shift, zero),
+        torch.where(rotate, sin, torch.where(kind == 3, shear, zero)), torch.where(rotate, cos, one),
+        torch.where(kind == 5, shift, zero),
+        zero, zero, one,
+    ]
+    return torch.stack(rows, 1).view(-1, 3, 3)
 
 
 def randaugment(
@@ -268,18 +272,18 @@ def randaugment(
     out = x.float() if dtype == torch.uint8 else x.float() * 255.0
     affine = torch.eye(3, device=x.device).repeat(b, 1, 1)
     warped = torch.zeros(b, dtype=torch.bool, device=x.device)
+    kinds = torch.tensor([_GEOMETRIC_KIND[name] for name in ops], device=x.device)
     for _ in range(num_ops):
         op_id = torch.randint(0, len(ops), (b,), generator=generator, device=x.device)
         mag = _uniform(b, generator, x.device)
         order = torch.argsort(op_id, stable=True)
         counts = torch.bincount(op_id, minlength=len(ops)).tolist()
+        if any(n for name, n in zip(ops, counts) if name in GEOMETRIC_OPS):
+            kind = kinds[op_id]
+            affine = affine @ _geometric_matrices(kind, mag)  # exact where the identity multiplies
+            warped |= kind > 0
         for name, idx in zip(ops, order.split(counts)):
-            if idx.numel() == 0 or name == "identity":
-                continue
-            if name in GEOMETRIC_OPS:
-                affine[idx] = affine[idx] @ _geometric_matrix(name, mag[idx])
-                warped[idx] = True
-            else:
+            if idx.numel() and name not in GEOMETRIC_OPS and name != "identity":
                 out[idx] = _color_op(name, out[idx], mag[idx])
     idx = warped.nonzero()[:, 0]
     if idx.numel():
