@@ -35,7 +35,7 @@ FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=256", "-shared", "-fPIC"
 
 
 #: every kernel in this package
-NAMES = ("maxpool2", "conv_pool", "bn_relu", "pad_crop")
+NAMES = ("maxpool2", "conv_pool", "bn_relu", "views")
 
 
 def enabled(name: str | None = None) -> bool:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..kernels import pad_crop as native_pad_crop
+from ..kernels import views as native_views
 
 VIEWS = ("none", "weak", "strong")
 
@@ -89,8 +89,8 @@ def pad_crop(
     b, c, h, w = x.shape
     shift = torch.randint(-padding, padding + 1, (2, b), generator=generator, device=x.device)
     flip = _uniform(b, generator, x.device) < flip_p if flip_p > 0 else None
-    if native_pad_crop.applies(x):  # the same bytes in one pass (uint8 on a CPU)
-        return native_pad_crop.pad_crop(x, shift, flip, reflect=mode == "reflect")
+    if native_views.applies(x):  # the same bytes in one pass (uint8 on a CPU)
+        return native_views.pad_crop(x, shift, flip, reflect=mode == "reflect")
     rows = torch.arange(h, device=x.device) + shift[0, :, None]  # (B, H) source row of each output row
     cols = torch.arange(w, device=x.device) + shift[1, :, None]  # (B, W)
     if flip is not None:
@@ -129,6 +129,10 @@ def cutout(
     side = torch.randint(lo, hi + 1, (b,), generator=generator, device=x.device)
     cy = torch.randint(0, h, (b,), generator=generator, device=x.device)
     cx = torch.randint(0, w, (b,), generator=generator, device=x.device)
+    if fill is None:
+        fill = 127 if x.dtype == torch.uint8 else 0.5
+    if native_views.applies(x) and fill == int(fill) and 0 <= fill <= 255:  # the same bytes, the boxes alone written
+        return native_views.cutout(x, cy - side // 2, cx - side // 2, side, int(fill))
     y0 = (cy - side // 2)[:, None]
     x0 = (cx - side // 2)[:, None]
     ar_h = torch.arange(h, device=x.device)
@@ -136,8 +140,6 @@ def cutout(
     in_rows = (ar_h >= y0) & (ar_h < y0 + side[:, None])  # (B, H)
     in_cols = (ar_w >= x0) & (ar_w < x0 + side[:, None])  # (B, W)
     mask = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]  # (B, 1, H, W)
-    if fill is None:
-        fill = 127 if x.dtype == torch.uint8 else 0.5
     return x.masked_fill(mask, fill)
 
 

@@ -21,7 +21,7 @@ from semiprune_core import kernels
 from semiprune_core.kernels import bn_relu
 from semiprune_core.kernels import conv_pool
 from semiprune_core.kernels import maxpool2 as native
-from semiprune_core.kernels import pad_crop
+from semiprune_core.kernels import views
 from semiprune_core.models import create_model
 from semiprune_core.models.fastcnn import MaxPool2
 from semiprune_core.training import augment
@@ -550,18 +550,34 @@ def test_fastcnn_trains_its_batchnorms_in_the_kernel(monkeypatch):
 ])
 def test_the_weak_views_crop_kernel_gives_torchs_bytes(monkeypatch, shape, padding, flip_p, mode):
     x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    assert pad_crop.applies(x)
+    assert views.applies(x)
     got = augment.pad_crop(x, torch.Generator().manual_seed(1), padding=padding, mode=mode, flip_p=flip_p)
-    monkeypatch.setattr(pad_crop, "applies", lambda x: False)
+    monkeypatch.setattr(views, "applies", lambda x: False)
     want = augment.pad_crop(x, torch.Generator().manual_seed(1), padding=padding, mode=mode, flip_p=flip_p)
     assert torch.equal(got, want)
 
 
-def test_batches_the_crop_kernel_does_not_take_are_refused():
+@needs_compiler
+@pytest.mark.parametrize("shape,size,fill", [((64, 1, 28, 28), (1, 14), None), ((300, 3, 32, 32), (1, 16), None),
+                                             ((32, 3, 5, 9), (3, 12), 0), ((32, 1, 6, 6), 20, 255)])
+def test_the_cutout_kernel_gives_torchs_bytes(monkeypatch, shape, size, fill):
+    x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    got = augment.cutout(x, torch.Generator().manual_seed(1), size=size, fill=fill)
+    monkeypatch.setattr(views, "applies", lambda x: False)
+    want = augment.cutout(x, torch.Generator().manual_seed(1), size=size, fill=fill)
+    assert torch.equal(got, want) and not torch.equal(got, x)
+    assert torch.equal(x, torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
+
+
+def test_batches_the_view_kernels_do_not_take_are_refused():
     x = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
-    assert not pad_crop.applies(x.float())                           # [0, 1] floats: torch's gather
-    assert not pad_crop.applies(x[:, :, :, ::2])                      # not contiguous
-    assert not pad_crop.applies(torch.zeros(4, 1, 1, 8, dtype=torch.uint8))  # a reflection needs two pixels
-    assert not pad_crop.applies(x[0])
+    assert not views.applies(x.float())                           # [0, 1] floats: torch's ops
+    assert not views.applies(x[:, :, :, ::2])                      # not contiguous
+    assert not views.applies(torch.zeros(4, 1, 1, 8, dtype=torch.uint8))  # a reflection needs two pixels
+    assert not views.applies(x[0])
     with pytest.raises(ValueError, match="shift"):
-        pad_crop.pad_crop(x, torch.zeros(2, 3, dtype=torch.int64), None, reflect=True)
+        views.pad_crop(x, torch.zeros(2, 3, dtype=torch.int64), None, reflect=True)
+    with pytest.raises(ValueError, match="fill"):
+        views.cutout(x, *torch.zeros(3, 4, dtype=torch.int64), fill=300)
+    out = augment.cutout(x, torch.Generator().manual_seed(0), size=3, fill=0.5)  # a fill no byte holds: torch's
+    assert out.dtype == torch.uint8

@@ -1,0 +1,62 @@
+"""The augmentation views' geometric copies of uint8 CPU image batches, through ``views.c``.
+
+``pad_crop(x, shift, flip, reflect=...)`` (the weak view's translation and mirror) and
+``cutout(x, top, left, side, fill)`` give the bytes that :func:`semiprune_core.training.augment.pad_crop`
+and :func:`~semiprune_core.training.augment.cutout` compute with torch's ops for the same random draws:
+one pass where torch's took nine kernels around an int64 index per pixel, and only the boxes written
+where torch's built a mask of the whole batch first.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import Tensor
+
+from . import load
+
+
+def _library() -> ctypes.CDLL | None:
+    lib = load("views")
+    if lib is not None and lib.pad_crop_u8.argtypes is None:
+        lib.pad_crop_u8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_int]
+        lib.cutout_u8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_uint8] + [ctypes.c_int64] * 4
+        lib.pad_crop_u8.restype = lib.cutout_u8.restype = None
+    return lib
+
+
+def applies(x: Tensor) -> bool:
+    """A contiguous 4-d uint8 CPU batch of images at least 2x2 (pad_crop's reflection needs two pixels), outside
+    ``torch.compile``, on a machine where the kernel was built."""
+    return (x.device.type == "cpu" and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[-2] >= 2 and x.shape[-1] >= 2
+            and x.is_contiguous() and not torch.compiler.is_compiling() and _library() is not None)
+
+
+def pad_crop(x: Tensor, shift: Tensor, flip: Tensor | None, *, reflect: bool) -> Tensor:
+    """``x`` (N, C, H, W) translated by ``shift`` ((2, N) int64: rows, then columns) and, where ``flip``
+    ((N,) bool) is set, mirrored left-right first; outside the image the reflection (``reflect``) or zero."""
+    n, c, h, w = x.shape
+    shift = shift.to(torch.int64).contiguous()
+    if shift.shape != (2, n) or (flip is not None and flip.shape != (n,)):
+        raise ValueError(f"pad_crop needs a (2, {n}) shift and a ({n},) flip, got {tuple(shift.shape)} and "
+                         f"{None if flip is None else tuple(flip.shape)}")
+    flip = None if flip is None else flip.to(torch.uint8).contiguous()
+    out = torch.empty_like(x)
+    _library().pad_crop_u8(x.data_ptr(), out.data_ptr(), shift.data_ptr(), None if flip is None else flip.data_ptr(),
+                           n, c, h, w, int(reflect), torch.get_num_threads())
+    return out
+
+
+def cutout(x: Tensor, top: Tensor, left: Tensor, side: Tensor, fill: int) -> Tensor:
+    """A copy of ``x`` (N, C, H, W) with sample b's ``side[b]`` x ``side[b]`` box at (``top[b]``,
+    ``left[b]``), clipped to the image, set to ``fill`` (0..255) in every channel."""
+    n, c, h, w = x.shape
+    top, left, side = (t.to(torch.int64).contiguous() for t in (top, left, side))
+    if not top.shape == left.shape == side.shape == (n,):
+        raise ValueError(f"cutout needs ({n},) top, left and side, got {tuple(top.shape)}, {tuple(left.shape)}, {tuple(side.shape)}")
+    if not 0 <= fill <= 255 or fill != int(fill):
+        raise ValueError(f"cutout's fill must be an integer 0..255 for uint8 images, got {fill!r}")
+    out = x.clone()
+    _library().cutout_u8(out.data_ptr(), top.data_ptr(), left.data_ptr(), side.data_ptr(), int(fill), n, c, h, w)
+    return out
