@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 
 from semiprune_core.errors import ConfigError
 from semiprune_core.training import augment as A
@@ -168,6 +168,15 @@ def test_colour_ops_match_pil():
     auto = A._color_op("autocontrast", xf, one)
     ref = pil(ImageOps.autocontrast)
     assert (auto.round() - ref.float()).abs().max() <= 1  # PIL rounds its lookup table differently
+
+
+@pytest.mark.parametrize("size", [16, 28, 3])
+def test_sharpness_blends_with_pils_smooth_filter(size):
+    """At factor 0 the sharpness op is the image under PIL's SMOOTH filter, border kept, to the byte."""
+    x = images(n=8, size=size, seed=7)
+    smooth = torch.stack([torch.from_numpy(np.array(_pil(i).filter(ImageFilter.SMOOTH))) for i in x])[:, None]
+    assert torch.equal(A._sharpness(x.float(), torch.zeros(len(x))).to(torch.uint8), smooth)
+    assert torch.equal(A._sharpness(x.float(), torch.ones(len(x))), x.float())  # factor 1: the image
 
 
 def test_unknown_view_is_a_config_error():
