@@ -203,3 +203,9 @@ def test_weak_view_is_a_translation_of_the_image_or_its_mirror(mode, torch_mode)
         weak = A.weak_view(x, gen(0), padding=2)
         assert all(_find_shift(o, p, 2, 10) is not None or _find_shift(o, q, 2, 10) is not None
                    for o, p, q in zip(weak, padded, mirrored))
+
+
+@pytest.mark.parametrize("n,h,w", [(265, 28, 28), (300, 32, 32), (7, 9, 5), (1, 2, 2)])
+def test_the_warps_sampling_grid_is_affine_grids(n, h, w):
+    theta = torch.randn(n, 2, 3, generator=gen(n))
+    assert torch.equal(A._affine_grid(theta, h, w), F.affine_grid(theta, [n, 1, h, w], align_corners=False))
