@@ -191,9 +191,11 @@ def _sharpness(x: Tensor, factor: Tensor) -> Tensor:
     """PIL ImageEnhance.Sharpness: a blend with the image under PIL's SMOOTH filter (centre 5, the
     eight neighbours 1, over 13), rounded, its one-pixel border left unsmoothed.
 
-    The filter is summed in integers (exact in fp32 on the 0..255 scale) and divided once: a sum over
-    13 is never a half, so rounding it gives the nearest integer as any fp32 convolution with the
-    weights k / 13 does, at a third of a grouped convolution's time on ~35-image groups."""
+    The filter is a sum of nine neighbours plus four times the centre, divided once by 13: on integer
+    pixels the sum is exact and never a half after the division, so the result is PIL's to the byte
+    (the tests check it). Earlier ops of a RandAugment round leave fractional values, where this and
+    a convolution with the weights k / 13 each round their own way and can land on either side of a
+    half: they differ in a few pixels. A third of a grouped convolution's time on ~35-image groups."""
     smooth = x.clone()
     if x.shape[-2] > 2 and x.shape[-1] > 2:
         rows = x[..., :-2, :] + x[..., 1:-1, :] + x[..., 2:, :]  # vertical sums of three
