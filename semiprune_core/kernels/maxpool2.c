@@ -142,3 +142,38 @@ void maxpool2_backward(const void *grad_y, const uint8_t *idx, void *grad_x, int
     job j = {grad_y, grad_x, (uint8_t *)idx, NULL, NULL, h, w, c, 0, 0};
     run(bf16 ? backward_16 : backward_32, j, n, n * h * w * c, threads);
 }
+
+/* x: (n, hw, c) contiguous; out: (n, c). Inference's BatchNorm + ReLU followed by a global max-pool:
+ * bn_relu rounded to the storage type is monotone in its input (nondecreasing where scale >= 0,
+ * nonincreasing where it is negative), so the maximum of the outputs is the output of each channel's
+ * maximum (or minimum) input: the same bits as the three layers, from one read of x. A NaN anywhere
+ * in a channel gives NaN, as torch's max-pool does. */
+static inline __attribute__((always_inline)) void global_extremes(const void *x, float *restrict hi,
+                                                                   float *restrict lo, int64_t hw, int64_t c, int bf16) {
+    for (int64_t k = 0; k < c; k++) hi[k] = lo[k] = bf16 ? bf16_value(((const uint16_t *)x)[k]) : ((const float *)x)[k];
+    for (int64_t p = 1; p < hw; p++) {
+        for (int64_t k = 0; k < c; k++) {  /* a NaN, once taken, stays: no comparison with it holds */
+            const float v = bf16 ? bf16_value(((const uint16_t *)x)[p * c + k]) : ((const float *)x)[p * c + k];
+            hi[k] = (v > hi[k]) | (v != v) ? v : hi[k];
+            lo[k] = (v < lo[k]) | (v != v) ? v : lo[k];
+        }
+    }
+}
+
+void bn_relu_global_max(const void *x, void *out, const float *scale, const float *shift, int64_t n, int64_t hw,
+                        int64_t c, int bf16, int threads) {
+    const int parts = parts_for(n, n * hw * c, threads);
+#pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1)
+    for (int t = 0; t < parts; t++) {
+        float hi[c], lo[c];
+        for (int64_t b = part_begin(n, t, parts); b < part_begin(n, t + 1, parts); b++) {
+            if (bf16) global_extremes((const uint16_t *)x + b * hw * c, hi, lo, hw, c, 1);
+            else global_extremes((const float *)x + b * hw * c, hi, lo, hw, c, 0);
+            for (int64_t k = 0; k < c; k++) {
+                const float r = bn_relu(scale[k] >= 0.0f ? hi[k] : lo[k], scale[k], shift[k]);
+                if (bf16) ((uint16_t *)out)[b * c + k] = bf16_round(r);
+                else ((float *)out)[b * c + k] = r;
+            }
+        }
+    }
+}

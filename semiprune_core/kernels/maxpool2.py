@@ -26,7 +26,8 @@ def _library() -> ctypes.CDLL | None:
         sizes = [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_int]
         lib.maxpool2_forward.argtypes = [ctypes.c_void_p] * 5 + sizes
         lib.maxpool2_backward.argtypes = [ctypes.c_void_p] * 3 + sizes
-        lib.maxpool2_forward.restype = lib.maxpool2_backward.restype = None
+        lib.bn_relu_global_max.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_int]
+        lib.maxpool2_forward.restype = lib.maxpool2_backward.restype = lib.bn_relu_global_max.restype = None
     return lib
 
 
@@ -99,3 +100,18 @@ def max_pool2(x: Tensor, bn_relu: tuple[Tensor, Tensor] | None = None) -> Tensor
             raise ValueError("max_pool2's bn_relu is for inference: run it under torch.no_grad()")
         return _MaxPool2.apply(x)
     return _pool(x, keep_index=False, bn_relu=bn_relu)[0]
+
+
+def bn_relu_global_max(x: Tensor, bn_relu: tuple[Tensor, Tensor]) -> Tensor:
+    """``relu(bn(x)).amax((2, 3))`` of an ``x`` that :func:`applies` and an eval-mode ``bn`` given by its
+    :func:`bn_relu_terms`, (N, C): inference's last BatchNorm, ReLU and global max-pool in one read of
+    ``x``. The BatchNorm and ReLU are monotone per channel, so each channel's largest (or, where its
+    scale is negative, smallest) value gives the maximum: the same bits as the three layers."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise ValueError("bn_relu_global_max is for inference: run it under torch.no_grad()")
+    n, c, h, w = x.shape
+    scale, shift = checked_terms(bn_relu, c)
+    out = torch.empty((n, c), dtype=x.dtype)
+    _library().bn_relu_global_max(x.data_ptr(), out.data_ptr(), scale.data_ptr(), shift.data_ptr(), n, h * w, c,
+                                  x.dtype == torch.bfloat16, torch.get_num_threads())
+    return out

@@ -175,7 +175,8 @@ class FastCNN(Classifier):
     On a CPU the first conv and its pool run as one native kernel where it builds
     (:mod:`semiprune_core.kernels.conv_pool`): torch's values up to the order of fp32 sums, its
     weight gradient summed in fp32 where oneDNN's bf16 kernel rounds it to bf16. In inference (no
-    gradient, eval mode) the pool kernels also apply the BatchNorm and ReLU after them; in training
+    gradient, eval mode) the pool kernels also apply the BatchNorm and ReLU after them, and the last
+    BatchNorm and ReLU are taken with the global max-pool from each channel's extreme; in training
     mode each BatchNorm and its ReLU run as one kernel (:mod:`semiprune_core.kernels.bn_relu`, torch's
     values to rounding, the running statistics updated alike). Either way those modules are not called
     (their forward hooks do not run).
@@ -205,6 +206,10 @@ class FastCNN(Classifier):
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.head = nn.Linear(widths[-1], num_classes)
 
+    @property
+    def _global_max_pool(self) -> bool:
+        return isinstance(self.pool, nn.AdaptiveMaxPool2d) and self.pool.output_size in (1, (1, 1))
+
     def features(self, x: Tensor) -> Tensor:
         body, i = self.body, 0
         inference = not torch.is_grad_enabled()
@@ -214,6 +219,10 @@ class FastCNN(Classifier):
             x = native_conv_pool.conv3x3_max_pool2(x, body[0].weight, terms)
             i = 4 if terms else 2
         while i < len(body):
+            if (inference and i == len(body) - 2 and self._global_max_pool and native_max_pool.applies(x)
+                    and (terms := _bn_relu_after(body, i))):
+                # inference: the last BatchNorm, ReLU and the global max-pool from each channel's extreme
+                return native_max_pool.bn_relu_global_max(x, terms)
             if inference and isinstance(body[i], MaxPool2) and native_max_pool.applies(x) and (terms := _bn_relu_after(body, i + 1)):
                 # inference: the BatchNorm and ReLU after a pool are applied as the pool writes its output,
                 # instead of two more passes over it (a quarter of fastcnn's inference)

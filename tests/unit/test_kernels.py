@@ -386,11 +386,31 @@ def test_inference_conv_and_pool_apply_batchnorm_and_relu_as_torch(bf16):
 
 
 @needs_compiler
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(1024, 128, 3, 3), (300, 16, 4, 4), (3, 5, 2, 3), (2, 64, 7, 7)])
+def test_inference_global_max_pool_applies_batchnorm_and_relu_as_torch(shape, dtype):
+    bn = _eval_batchnorm(shape[1])  # scales of both signs: a negative one takes each channel's minimum
+    assert (native.bn_relu_terms(bn)[0] < 0).any()
+    x = _ties_and_nans(shape, dtype) + torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    with torch.no_grad():
+        want = F.adaptive_max_pool2d(F.relu(bn(x)), 1).flatten(1)
+        got = native.bn_relu_global_max(x, native.bn_relu_terms(bn))
+    assert got.dtype == dtype and got.shape == want.shape
+    assert torch.equal(got.isnan(), want.isnan()) and want.isnan().any()  # a NaN in a channel stays a NaN
+    if dtype == torch.bfloat16:
+        assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    else:  # torch's fp32 BatchNorm rounds some outputs differently by shape: one step
+        torch.testing.assert_close(got, want, rtol=2.4e-7, atol=1e-7, equal_nan=True)
+
+
+@needs_compiler
 def test_batchnorm_terms_are_refused_where_a_gradient_is_wanted_or_they_do_not_fit():
     terms = native.bn_relu_terms(_eval_batchnorm(16))
     x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="for inference"):
         native.max_pool2(x.requires_grad_(), terms)
+    with pytest.raises(ValueError, match="for inference"):
+        native.bn_relu_global_max(x, terms)
     with pytest.raises(ValueError, match="for inference"):
         conv_pool.conv3x3_max_pool2(torch.randn(2, 1, 8, 8), _first_layer(1, 16).weight, terms)
     with torch.no_grad(), pytest.raises(ValueError, match="16 channels"):
@@ -413,7 +433,7 @@ def test_fastcnn_inference_folds_batchnorm_and_relu_into_its_pools_to_torchs_bit
     x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         fused = model(x)
-        assert calls == [norms[-1]]  # the three after a pool ran inside the kernels; the last follows a conv
+        assert calls == []  # the three after a pool ran inside the pool kernels, the last with the global max-pool
         monkeypatch.setattr(conv_pool, "applies", lambda x, conv: False)
         monkeypatch.setattr(native, "applies", lambda x: False)
         plain = model(x)
