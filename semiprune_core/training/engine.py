@@ -78,8 +78,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def to_float(x: Tensor) -> Tensor:
-    """uint8 (B, C, H, W) 0..255 -> float32 in [-1, 1]: the model input convention."""
-    return x.float().mul_(1 / 127.5).sub_(1.0)
+    """uint8 (B, C, H, W) 0..255 -> float32 in [-1, 1]: the model input convention. The product
+    promotes to float32 as it reads the bytes (the same values as ``x.float() * (1 / 127.5)``, one
+    pass over memory fewer)."""
+    return x.mul(1 / 127.5).sub_(1.0)
 
 
 def as_uint8_images(images: Tensor | np.ndarray, *, name: str = "images") -> Tensor:

@@ -543,3 +543,12 @@ def test_objective_and_device_errors(data):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="cuda"):
             resolve_device("cuda")
+
+
+def test_to_float_maps_bytes_to_minus_one_to_one():
+    x = torch.arange(256, dtype=torch.uint8).view(4, 1, 8, 8)
+    y = to_float(x)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    assert y.min() == -1.0 and y.max() == 1.0 and torch.all(y.flatten().diff() > 0)
+    want = (torch.arange(256, dtype=torch.float32) * torch.tensor(1 / 127.5, dtype=torch.float32) - 1).view(4, 1, 8, 8)
+    assert torch.equal(y, want)  # float32 arithmetic, one rounding per step: saved models see the same inputs
