@@ -109,6 +109,8 @@ def bn_relu_global_max(x: Tensor, bn_relu: tuple[Tensor, Tensor]) -> Tensor:
     scale is negative, smallest) value gives the maximum: the same bits as the three layers."""
     if torch.is_grad_enabled() and x.requires_grad:
         raise ValueError("bn_relu_global_max is for inference: run it under torch.no_grad()")
+    if not applies(x):
+        raise ValueError("bn_relu_global_max needs a 4-d bf16/fp32 CPU tensor in channels_last (see applies)")
     n, c, h, w = x.shape
     scale, shift = checked_terms(bn_relu, c)
     out = torch.empty((n, c), dtype=x.dtype)

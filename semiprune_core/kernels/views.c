@@ -1,14 +1,15 @@
 /* The augmentation views' geometric copies of uint8 image batches (N, C, H, W).
  *
- * pad_crop_u8: the weak view's per-sample translation (and mirror), in one pass over memory: output pixel (i, j) of sample b reads input row i + dy[b] and column
- * j + dx[b], or column (W - 1 - j) + dx[b] where the sample is mirrored; a source outside the image
- * reads its reflection (without repeating the edge) or zero.
+ * pad_crop_u8, the weak view's per-sample translation and mirror, in one pass over memory: output
+ * pixel (i, j) of sample b reads input row i + dy[b] and column j + dx[b], or column
+ * (W - 1 - j) + dx[b] where the sample is mirrored; a source outside the image reads its reflection
+ * (without repeating the edge) or zero. augment.pad_crop computes the same bytes with torch's ops:
+ * an int64 index per output pixel and a gather through it, nine kernels for what is a copy of the
+ * batch (454 us of a 512-image training step of 8-13 ms). Here each sample's source rows and columns
+ * are tabled once, and each row is a plain copy but for the few columns whose source lies outside
+ * the image. Samples are split between OpenMP threads (parallel.h).
  *
- * augment.pad_crop computes the same bytes with torch's ops: an int64 index per output pixel, then a
- * gather through it, nine kernels in all for what is a copy of the batch (454 us of a 512-image
- * training step of about 8-13 ms). Here each sample's source rows and columns are tabled once, and
- * each row is a plain copy but for the few columns whose source lies outside the image. Work is split over samples between OpenMP threads
- * (parallel.h).
+ * cutout_u8, the strong view's cutout, fills each sample's box in place.
  */
 #include <stdint.h>
 #include <string.h>
@@ -21,13 +22,13 @@
 static inline int64_t source(int64_t i, int64_t d, int64_t n, int reflect) {
     int64_t s = i + d;
     if (!reflect) return s >= 0 && s < n ? s : -1;
-    while (s < 0 || s >= n) s = s < 0 ? -s : 2 * (n - 1) - s;  /* n >= 2 (pad_crop.py) */
+    while (s < 0 || s >= n) s = s < 0 ? -s : 2 * (n - 1) - s;  /* n >= 2 (views.py checks) */
     return s;
 }
 
 /* Output row `o` (w pixels) from source row `src`: columns [lo, hi) read the image directly, at
- * j + dx (a memcpy) or, mirrored, w - 1 - j + dx; the few columns
- * outside that run go through the table `cols`. */
+ * j + dx (a memcpy) or, mirrored, w - 1 - j + dx; the few columns outside that run go through the
+ * table `cols`. */
 static inline void copy_row(uint8_t *restrict o, const uint8_t *restrict src, const int64_t *cols, int64_t w,
                             int64_t lo, int64_t hi, int64_t dx, int mirror) {
     for (int64_t j = 0; j < lo; j++) o[j] = cols[j] < 0 ? 0 : src[cols[j]];

@@ -37,6 +37,8 @@ def pad_crop(x: Tensor, shift: Tensor, flip: Tensor | None, *, reflect: bool) ->
     """``x`` (N, C, H, W) translated by ``shift`` ((2, N) int64: rows, then columns) and, where ``flip``
     ((N,) bool) is set, mirrored left-right first; outside the image the reflection (``reflect``) or zero."""
     n, c, h, w = x.shape
+    if reflect and (h < 2 or w < 2):  # no reflection of a single pixel: torch's ops raise there too
+        raise ValueError(f"pad_crop's reflection needs images of at least 2x2 pixels, got {h}x{w}")
     shift = shift.to(torch.int64).contiguous()
     if shift.shape != (2, n) or (flip is not None and flip.shape != (n,)):
         raise ValueError(f"pad_crop needs a (2, {n}) shift and a ({n},) flip, got {tuple(shift.shape)} and "

@@ -411,6 +411,8 @@ def test_batchnorm_terms_are_refused_where_a_gradient_is_wanted_or_they_do_not_f
         native.max_pool2(x.requires_grad_(), terms)
     with pytest.raises(ValueError, match="for inference"):
         native.bn_relu_global_max(x, terms)
+    with torch.no_grad(), pytest.raises(ValueError, match="channels_last"):
+        native.bn_relu_global_max(x.detach().contiguous(), terms)
     with pytest.raises(ValueError, match="for inference"):
         conv_pool.conv3x3_max_pool2(torch.randn(2, 1, 8, 8), _first_layer(1, 16).weight, terms)
     with torch.no_grad(), pytest.raises(ValueError, match="16 channels"):
@@ -597,6 +599,8 @@ def test_batches_the_view_kernels_do_not_take_are_refused():
     assert not views.applies(x[0])
     with pytest.raises(ValueError, match="shift"):
         views.pad_crop(x, torch.zeros(2, 3, dtype=torch.int64), None, reflect=True)
+    with pytest.raises(ValueError, match="2x2"):  # the fold would never end
+        views.pad_crop(torch.zeros(4, 1, 1, 8, dtype=torch.uint8), torch.zeros(2, 4, dtype=torch.int64), None, reflect=True)
     with pytest.raises(ValueError, match="fill"):
         views.cutout(x, *torch.zeros(3, 4, dtype=torch.int64), fill=300)
     out = augment.cutout(x, torch.Generator().manual_seed(0), size=3, fill=0.5)  # a fill no byte holds: torch's
