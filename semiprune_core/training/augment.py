@@ -239,7 +239,7 @@ def _geometric_matrices(kind: Tensor, u: Tensor) -> Tensor:
     """(n, 3, 3) affine maps in affine_grid's normalised coordinates, one per sample: the geometric op
     of :data:`_GEOMETRIC_KIND` ``kind`` (n,) at magnitude u (n,) in [0, 1], the identity for colour
     ops. Built for the whole batch at once: per op group it took a dozen small kernels and a batched
-    matrix product, 0.6 ms of a 4.3 ms strong view of 448 images."""
+    matrix product: 0.26 ms less per 4.3 ms strong view of 448 images."""
     s = 2.0 * u - 1.0  # signed magnitude in [-1, 1]
     a = s * math.radians(MAX_ROTATE_DEG)
     cos, sin = a.cos(), a.sin()
