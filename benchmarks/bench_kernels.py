@@ -15,6 +15,9 @@
     Fashion-MNIST images (bf16) three ways, alternated ``--rounds`` times: torch's kernels, the native
     kernels with BatchNorm and ReLU run apart, and the native kernels applying them as the pools write
     (what inference runs); the median images per second of each.
+(g) The weight gradient of a 3x3 conv on AMX tiles (``conv_wgrad``) against oneDNN's backward-weights
+    kernel at the shapes ``fastcnn`` and ``fastcnn_l`` train (bf16), and its share of (d): the engine
+    with every native kernel but this one.
 (f) With ``--accuracy-seeds N``: the test accuracy of each ``--accuracy MODEL:BATCH`` trained on the
     whole of Fashion-MNIST for ``--accuracy-epochs`` (bf16, weak view, Nesterov SGD with warmup and
     cosine) the three ways of (d), seeds 0..N-1: the fused first layer and the BatchNorm kernel are
@@ -42,7 +45,7 @@ from bench_engine import load_fashion  # noqa: E402
 
 from semiprune_core import kernels  # noqa: E402
 from semiprune_core.allocator import keep_freed_memory  # noqa: E402
-from semiprune_core.kernels import bn_relu, conv_pool, maxpool2  # noqa: E402
+from semiprune_core.kernels import bn_relu, conv_pool, conv_wgrad, maxpool2  # noqa: E402
 from semiprune_core.models import create_model  # noqa: E402
 from semiprune_core.models import fastcnn  # noqa: E402
 from semiprune_core.models.fastcnn import MaxPool2  # noqa: E402
@@ -51,9 +54,12 @@ from semiprune_core.training import Schedule, SupervisedObjective, evaluate, fit
 POOL_SHAPES = [(960, 16, 28, 28), (960, 32, 14, 14), (960, 64, 7, 7), (256, 16, 28, 28), (256, 16, 14, 14), (256, 32, 7, 7)]
 CONV_POOL_SHAPES = [(960, 1, 16, 28), (256, 1, 16, 28), (256, 1, 32, 28)]  # batch, c_in, c_out, size
 BN_RELU_SHAPES = [(960, 16, 14, 14), (960, 32, 7, 7), (960, 64, 3, 3), (960, 128, 3, 3), (256, 16, 7, 7), (256, 64, 3, 3)]
-KERNELS = {"maxpool2": maxpool2, "conv_pool": conv_pool, "bn_relu": bn_relu}
+WGRAD_SHAPES = [(512, 16, 32, 14), (512, 32, 64, 7), (960, 16, 32, 14), (960, 32, 64, 7), (256, 32, 64, 14),
+                (256, 64, 128, 7)]  # batch, c_in, c_out, size
+KERNELS = {"maxpool2": maxpool2, "conv_pool": conv_pool, "bn_relu": bn_relu, "conv_wgrad": conv_wgrad}
 NATIVE_APPLIES = {name: module.applies for name, module in KERNELS.items()}
-TORCH_APPLIES = {"maxpool2": lambda x: False, "conv_pool": lambda x, conv: False, "bn_relu": lambda x, bn: False}
+TORCH_APPLIES = {"maxpool2": lambda x: False, "conv_pool": lambda x, conv: False, "bn_relu": lambda x, bn: False,
+                 "conv_wgrad": lambda x, weight: False}
 
 
 def use_native(on: bool | tuple[str, ...]) -> None:
@@ -142,9 +148,28 @@ def bn_relus(reps: int) -> list[dict]:
     return rows
 
 
+def wgrads(reps: int) -> list[dict]:
+    rows = []
+    if not conv_wgrad.applies(torch.empty(1, 16, 7, 7), torch.empty(32, 16, 3, 3)):
+        print("conv_wgrad: this CPU or its kernel build has no AMX; skipped", flush=True)
+        return rows
+    for batch, c_in, c_out, size in WGRAD_SHAPES:
+        x = torch.randn(batch, c_in, size, size).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        grad = torch.randn(batch, c_out, size, size).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        weight = torch.randn(c_out, c_in, 3, 3).to(torch.bfloat16)
+        onednn = median_ms(lambda: torch.ops.aten.convolution_backward(
+            grad, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]), reps)
+        tiles = median_ms(lambda: conv_wgrad.conv3x3_weight_grad(x, grad), reps)
+        rows.append({"batch": batch, "c_in": c_in, "c_out": c_out, "size": size, "ms_onednn": onednn, "ms_native": tiles})
+        print(f"conv {c_in}->{c_out} weight gradient at {size}x{size}, batch {batch}: {onednn:.3f} -> {tiles:.3f} ms "
+              f"({onednn / tiles:.2f}x)", flush=True)
+    return rows
+
+
 def training(specs: list[str], rounds: int) -> list[dict]:
     x, y, _, _ = load_fashion()
-    ways = {"torch": False, "native_bn_apart": ("maxpool2", "conv_pool"), "native": True}
+    ways = {"torch": False, "native_bn_apart": ("maxpool2", "conv_pool", "conv_wgrad"),
+            "native_wgrad_apart": ("maxpool2", "conv_pool", "bn_relu"), "native": True}
     rows = []
     for spec in specs:
         name, batch = spec.split(":")
@@ -163,10 +188,12 @@ def training(specs: list[str], rounds: int) -> list[dict]:
         rate = {way: statistics.median(v) for way, v in rates.items()}
         rows.append({"model": name, "batch_size": batch, "images": n, "rounds": rounds,
                      **{f"img_per_s_{way}": v for way, v in rate.items()}, "speedup": rate["native"] / rate["torch"],
-                     "speedup_bn_relu": rate["native"] / rate["native_bn_apart"]})
+                     "speedup_bn_relu": rate["native"] / rate["native_bn_apart"],
+                     "speedup_conv_wgrad": rate["native"] / rate["native_wgrad_apart"]})
         print(f"{name} batch {batch}: torch {rate['torch']:,.0f}, native with BatchNorm apart {rate['native_bn_apart']:,.0f}, "
               f"all native {rate['native']:,.0f} img/s ({rate['native'] / rate['torch']:.2f}x; the BatchNorm kernel "
-              f"{rate['native'] / rate['native_bn_apart']:.2f}x)", flush=True)
+              f"{rate['native'] / rate['native_bn_apart']:.2f}x; the AMX weight gradient "
+              f"{rate['native'] / rate['native_wgrad_apart']:.2f}x)", flush=True)
     return rows
 
 
@@ -202,7 +229,7 @@ def accuracy(specs: list[str], seeds: int, epochs: int) -> list[dict]:
         name, batch = spec.split(":")
         batch = int(batch)
         row: dict = {"model": name, "batch_size": batch, "epochs": epochs}
-        for way, on in {"native": True, "native_bn_apart": ("maxpool2", "conv_pool"), "torch": False}.items():
+        for way, on in {"native": True, "native_bn_apart": ("maxpool2", "conv_pool", "conv_wgrad"), "torch": False}.items():
             use_native(on)
             accs = []
             for seed in range(seeds):
@@ -240,6 +267,7 @@ def main() -> None:
     report = {"machine": {"platform": platform.platform(), "cpu": kernels.cpu_model(),
                           "torch": torch.__version__, "threads": torch.get_num_threads()},
               "max_pool": pools(args.reps), "conv_pool": conv_pools(args.reps), "bn_relu": bn_relus(args.reps),
+              "conv_wgrad": wgrads(args.reps),
               "training": training(args.train, args.rounds),
               "inference": inference(args.inference, args.rounds)}
     if args.accuracy_seeds:

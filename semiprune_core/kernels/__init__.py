@@ -3,7 +3,8 @@
 A kernel here exists only where a profile showed torch's CPU kernels as a large share of a training
 step. ``maxpool2`` computes torch's bits; ``conv_pool`` (a first conv fused with its pool) and
 ``bn_relu`` (a training-mode BatchNorm and its ReLU) compute torch's values up to the order of fp32
-sums. Callers fall back to torch where none can be built (no
+sums; ``conv_wgrad`` (a 3x3 conv's weight gradient on AMX tiles, where the CPU has them) sums in fp32
+what oneDNN rounds to bf16. Callers fall back to torch where none can be built (no
 C compiler, a read-only cache, a failed build) or where ``SEMIPRUNE_NATIVE=0`` turns them off.
 
 Build: ``$CC`` (default ``cc``) with :data:`FLAGS` (``-O3 -march=native -fopenmp`` ...), about 0.5 s,
@@ -35,7 +36,7 @@ FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=256", "-shared", "-fPIC"
 
 
 #: every kernel in this package
-NAMES = ("maxpool2", "conv_pool", "bn_relu", "views")
+NAMES = ("maxpool2", "conv_pool", "bn_relu", "views", "conv_wgrad")
 
 
 def enabled(name: str | None = None) -> bool:

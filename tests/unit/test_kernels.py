@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from semiprune_core import kernels
 from semiprune_core.kernels import bn_relu
 from semiprune_core.kernels import conv_pool
+from semiprune_core.kernels import conv_wgrad
 from semiprune_core.kernels import maxpool2 as native
 from semiprune_core.kernels import views
 from semiprune_core.models import create_model
@@ -309,7 +310,7 @@ def test_fastcnn_runs_its_first_conv_and_pool_fused_to_torchs_logits(monkeypatch
 
 
 @needs_compiler
-@pytest.mark.parametrize("kernel", ["conv_pool", "bn_relu"])
+@pytest.mark.parametrize("kernel", ["conv_pool", "bn_relu", "conv_wgrad"])
 def test_fastcnn_trains_with_each_native_kernel_as_with_torchs(kernel, monkeypatch):
     """Thirty bf16 steps on a learnable task with the kernel and without it (torch's layers): the same
     learning curve to bf16 noise, and the same fit.
@@ -334,8 +335,11 @@ def test_fastcnn_trains_with_each_native_kernel_as_with_torchs(kernel, monkeypat
             out.append(loss.item())
         return out
 
+    if kernel == "conv_wgrad" and not _has_tiles():
+        pytest.skip("no AMX on this CPU: oneDNN's weight gradient runs either way")
     fused = losses()
-    monkeypatch.setattr(bn_relu if kernel == "bn_relu" else conv_pool, "applies", lambda x, layer: False)
+    monkeypatch.setattr({"bn_relu": bn_relu, "conv_pool": conv_pool, "conv_wgrad": conv_wgrad}[kernel], "applies",
+                        lambda x, layer: False)
     plain = losses()
     assert abs(fused[0] - plain[0]) < 1e-2
     assert abs(sum(fused) - sum(plain)) < 0.05 * sum(plain)  # a wrong weight gradient moves this by half
@@ -605,3 +609,92 @@ def test_batches_the_view_kernels_do_not_take_are_refused():
         views.cutout(x, *torch.zeros(3, 4, dtype=torch.int64), fill=300)
     out = augment.cutout(x, torch.Generator().manual_seed(0), size=3, fill=0.5)  # a fill no byte holds: torch's
     assert out.dtype == torch.uint8
+
+
+def _has_tiles() -> bool:
+    return conv_wgrad.applies(torch.empty(1, 16, 7, 7), torch.empty(32, 16, 3, 3))
+
+
+needs_tiles = pytest.mark.skipif(not _has_tiles(), reason="no AMX on this CPU (or no C compiler): oneDNN's weight gradient runs")
+
+
+def _weight_grad_f64(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The exact weight gradient of the bf16 operands (their products and sums in float64)."""
+    w = torch.zeros(grad.shape[1], x.shape[1], 3, 3, dtype=torch.float64)
+    return torch.ops.aten.convolution_backward(grad.double(), x.double(), w, None, [1, 1], [1, 1], [1, 1], False, [0, 0],
+                                               1, [False, True, False])[1]
+
+
+@needs_tiles
+@pytest.mark.parametrize("n,c,o,h,w", [(1, 16, 32, 7, 7), (5, 32, 64, 14, 14), (3, 16, 32, 5, 6), (2, 32, 32, 16, 16),
+                                       (9, 16, 64, 1, 1), (37, 48, 96, 3, 4),
+                                       (160, 16, 32, 7, 7)])  # odd rows, 16-wide rows, blocks of 8 images, two threads
+def test_the_tile_weight_gradient_is_the_fp32_sum_of_exact_products(n, c, o, h, w):
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n, c, h, w, generator=gen).bfloat16().contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(n, o, h, w, generator=gen).bfloat16().contiguous(memory_format=torch.channels_last)
+    got = conv_wgrad.conv3x3_weight_grad(x, grad)
+    exact = _weight_grad_f64(x, grad)
+    assert got.dtype == torch.float32 and got.shape == (o, c, 3, 3)
+    assert float((got.double() - exact).norm() / exact.norm()) < 2e-6  # oneDNN's bf16 output: 1.7e-3
+    assert float((got.double() - exact).abs().max()) < 1e-5 * float(exact.abs().max()) + 1e-6
+
+
+@needs_tiles
+def test_the_tile_weight_gradient_takes_nchw_and_fp32_operands_as_their_bf16_values():
+    gen = torch.Generator().manual_seed(0)
+    x, grad = torch.randn(4, 16, 7, 7, generator=gen), torch.randn(4, 32, 7, 7, generator=gen)
+    want = conv_wgrad.conv3x3_weight_grad(x.bfloat16().contiguous(memory_format=torch.channels_last),
+                                          grad.bfloat16().contiguous(memory_format=torch.channels_last))
+    assert torch.equal(conv_wgrad.conv3x3_weight_grad(x, grad), want)
+
+
+@needs_tiles
+def test_a_nan_in_the_input_makes_its_channels_taps_nan_and_leaves_the_rest_exact():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 16, 7, 7, generator=gen).bfloat16()
+    x[1, 5, 0, 0] = float("nan")
+    x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(3, 32, 7, 7, generator=gen).bfloat16().contiguous(memory_format=torch.channels_last)
+    got, exact = conv_wgrad.conv3x3_weight_grad(x, grad), _weight_grad_f64(x, grad)
+    assert got.isnan()[exact.isnan()].all()  # every tap that reads the NaN (the padding may add taps of its channel)
+    assert not got.isnan()[:, [c for c in range(16) if c != 5]].any()
+    clean = torch.ones(16, dtype=torch.bool)
+    clean[5] = False
+    assert torch.allclose(got[:, clean].double(), exact[:, clean], rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_convolutions_the_tile_weight_gradient_does_not_take_are_refused():
+    x = torch.randn(2, 16, 7, 7)
+    assert not conv_wgrad.applies(torch.randn(2, 8, 7, 7), torch.empty(32, 8, 3, 3))  # input channels not 16k
+    assert not conv_wgrad.applies(x, torch.empty(48, 16, 3, 3))  # output channels not 32k
+    assert not conv_wgrad.applies(x, torch.empty(32, 16, 5, 5))  # not 3x3
+    assert not conv_wgrad.applies(x, torch.empty(32, 32, 3, 3))  # channels that do not match
+    with pytest.raises(ValueError, match="multiple of 16"):
+        conv_wgrad.conv3x3_weight_grad(x, torch.randn(2, 32, 7, 6))
+
+
+@needs_tiles
+def test_fastcnn_convs_train_with_the_tile_weight_gradient_and_onednns_values():
+    from semiprune_core.models.fastcnn import Conv3x3
+
+    gen = torch.Generator().manual_seed(0)
+    conv, ref = Conv3x3(32, 64), torch.nn.Conv2d(32, 64, 3, padding=1, bias=False)
+    ref.load_state_dict(conv.state_dict())
+    x = torch.randn(24, 32, 7, 7, generator=gen).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(24, 64, 7, 7, generator=gen).bfloat16()
+    outs = []
+    for layer in (conv, ref):
+        xg = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(xg)
+        y.backward(grad.to(y.dtype))
+        outs.append((y, xg.grad))
+    (y, gx), (y_ref, gx_ref) = outs
+    assert y.grad_fn.name() == "_TileConvBackward"  # the tile path ran
+    assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)  # oneDNN's forward and input gradient
+    exact = _weight_grad_f64(x.bfloat16(), grad)
+    assert conv.weight.grad.dtype == torch.float32
+    assert float((conv.weight.grad.double() - exact).norm() / exact.norm()) < 2e-6
+    assert float((ref.weight.grad.double() - exact).norm() / exact.norm()) < 4e-3  # oneDNN's, rounded to bf16
