@@ -103,15 +103,12 @@ typedef struct {
     int64_t h, w, c, o, images; /* images: per block */
 } job;
 
-/* Lays out images [a, a + m) in xt (c rows of lx) and gv (kp / 2 rows of o pairs). */
+/* Lays out images [a, a + m) in xt (c rows of lx, zeros where no pixel lands: the caller zeroes it
+ * once, and only zeros are ever written there) and gv (kp / 2 rows of o pairs). */
 static void lay_out(const job *j, int64_t a, int64_t m, int64_t kp, int64_t lx, uint16_t *xt, uint32_t *gv) {
     const int64_t h = j->h, w = j->w, c = j->c, o = j->o, w1 = w + 1, s = (h + 1) * w1;
-    memset(gv, 0, kp / 2 * o * sizeof *gv);
-    for (int64_t ch = 0; ch < c; ch++) {
-        uint16_t *row = xt + ch * lx;
-        for (int64_t im = 0; im < m; im++) memset(row + im * s, 0, (w1 + 1) * sizeof *row); /* top padding row */
-        memset(row + m * s, 0, (lx - m * s) * sizeof *row); /* past the last image: what the taps read beyond */
-    }
+    if (m < j->images) /* a last, shorter block: the images of the block before lie past its end */
+        for (int64_t ch = 0; ch < c; ch++) memset(xt + ch * lx + m * s, 0, (lx - m * s) * sizeof *xt);
     for (int64_t im = 0; im < m; im++)
         for (int64_t r = 0; r < h; r++) {
             const uint16_t *xs = j->x + ((a + im) * h + r) * w * c;
@@ -130,17 +127,29 @@ static void lay_out(const job *j, int64_t a, int64_t m, int64_t kp, int64_t lx, 
                     for (int64_t ch = 0; ch < 16; ch++) memcpy(xt + (cb + ch) * lx + q0 + s0, &v[ch], sizeof v[ch]);
                 }
             }
-            for (int64_t ch = 0; ch < c; ch++) xt[ch * lx + q0 + w] = 0; /* between this row and the next */
-            const uint16_t *gs = j->g + ((a + im) * h + r) * w * o;
-            const int64_t k0 = im * s + r * w1;
-            for (int64_t p = 0; p < w; p++) {
-                const int64_t k = k0 + p;
-                uint32_t *dst = gv + (k >> 1) * o;
-                const int shift = (int)(k & 1) * 16;
-                const uint16_t *src = gs + p * o;
-                for (int64_t ch = 0; ch < o; ch++) dst[ch] |= (uint32_t)src[ch] << shift;
+        }
+    /* gv: each pair of positions in one pass, the padding positions as zeros */
+    int64_t im = 0, r = 0, col = 0; /* position k's image, row and column, counted along */
+    for (int64_t k2 = 0; k2 < kp / 2; k2++) {
+        const uint16_t *pair[2];
+        for (int e = 0; e < 2; e++) {
+            pair[e] = im < m && r < h && col < w ? j->g + (((a + im) * h + r) * w + col) * o : NULL;
+            if (++col == w1) {
+                col = 0;
+                if (++r == h + 1) r = 0, im++;
             }
         }
+        uint32_t *dst = gv + k2 * o;
+        const uint16_t *lo = pair[0], *hi = pair[1];
+        if (lo && hi)
+            for (int64_t ch = 0; ch < o; ch++) dst[ch] = lo[ch] | (uint32_t)hi[ch] << 16;
+        else if (lo)
+            for (int64_t ch = 0; ch < o; ch++) dst[ch] = lo[ch];
+        else if (hi)
+            for (int64_t ch = 0; ch < o; ch++) dst[ch] = (uint32_t)hi[ch] << 16;
+        else
+            memset(dst, 0, o * sizeof *dst);
+    }
 }
 
 /* Adds positions [0, kp) of the laid-out block to acc (9, c, o). */
@@ -196,6 +205,7 @@ static int run_part(const job *j, int64_t begin, int64_t end, int part) {
     uint32_t *gv = aligned_alloc(64, (kmax / 2 * o * sizeof *gv + 63) / 64 * 64);
     const int ok = xt != NULL && gv != NULL;
     if (ok) {
+        memset(xt, 0, c * lx * sizeof *xt); /* the padding, which stays zero */
         configure_tiles();
         for (int64_t a = begin; a < end; a += j->images) {
             const int64_t m = end - a < j->images ? end - a : j->images, kp = (m * s + 31) / 32 * 32;
