@@ -142,5 +142,8 @@ def load(name: str) -> ctypes.CDLL | None:
 
 
 def available() -> list[str]:
-    """The kernels that run in this process (built, and not turned off): for benchmark reports."""
-    return [name for name in NAMES if load(name) is not None]
+    """The kernels that run in this process (built, not turned off, and for ``conv_wgrad`` a CPU with
+    AMX): for benchmark reports."""
+    from . import conv_wgrad
+
+    return [name for name in NAMES if load(name) is not None and (name != "conv_wgrad" or conv_wgrad._library() is not None)]

@@ -2,7 +2,7 @@
 
 ``conv3x3_weight_grad(x, grad)`` is what ``torch.ops.aten.convolution_backward`` gives for the
 weight of ``F.conv2d(x, weight, padding=1)``, summed in fp32 from the exact products of the bf16
-values (oneDNN's bf16 kernel rounds it to bf16), 2.2x as fast as oneDNN's at 32 -> 64 channels on
+values (oneDNN's bf16 kernel rounds it to bf16), 2.3x as fast as oneDNN's at 32 -> 64 channels on
 7x7 maps. A NaN or infinity in ``x`` makes every tap of its channel NaN (oneDNN's: the taps that read
 it): training has diverged either way. It applies where the CPU has AMX and the kernel was built for it; elsewhere callers keep
 torch's kernel.

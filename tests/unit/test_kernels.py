@@ -698,3 +698,15 @@ def test_fastcnn_convs_train_with_the_tile_weight_gradient_and_onednns_values():
     assert conv.weight.grad.dtype == torch.float32
     assert float((conv.weight.grad.double() - exact).norm() / exact.norm()) < 2e-6
     assert float((ref.weight.grad.double() - exact).norm() / exact.norm()) < 4e-3  # oneDNN's, rounded to bf16
+
+
+@needs_compiler
+def test_without_amx_convs_keep_onednns_weight_gradient_and_reports_say_the_kernel_did_not_run(monkeypatch):
+    from semiprune_core.models.fastcnn import Conv3x3
+
+    monkeypatch.setattr(conv_wgrad, "_library", lambda: None)  # what a CPU without AMX gives
+    assert "conv_wgrad" not in kernels.available()
+    x = torch.randn(4, 32, 7, 7).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = Conv3x3(32, 64)(x)
+    assert y.grad_fn.name() == "ConvolutionBackward0"
