@@ -284,3 +284,55 @@ def test_an_empty_or_damaged_dvc_lock_is_one_error_naming_the_file_and_the_fix(r
     (repo / "dvc.lock").write_text(text)
     with pytest.raises(ConfigError, match=r"dvc\.lock is empty or damaged .*mv .*dvc\.lock.* run-cache"):
         stage_graph(repo)
+
+
+def _empty_run_cache_entry(repo: Path) -> Path:
+    """Leave the run-cache of the one recorded run as a DVC killed while saving it leaves it: the
+    key's folder without a finished entry. Returns that folder."""
+    entries = [p for p in (repo / ".dvc/cache/runs").glob("*/*/*") if p.is_file()]
+    assert len(entries) == 1, entries
+    entries[0].unlink()
+    return entries[0].parent
+
+
+def _forget_in_dvc_lock(repo: Path, name: str) -> None:
+    import yaml
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    del lock["stages"][name]
+    (repo / "dvc.lock").write_text(yaml.safe_dump(lock))
+
+
+def test_a_run_cache_folder_a_killed_save_left_empty_does_not_fail_the_stage_for_good(repo):
+    assert run_stage(repo, "a", env=env()).outcome == "ran"
+    assert run_stage(repo, "b@0", env=env()).outcome == "ran"  # a has no deps: DVC keeps no run-cache entry for it
+    folder = _empty_run_cache_entry(repo)
+    _forget_in_dvc_lock(repo, "b@0")  # the stage must run again with the same inputs: DVC looks it up
+
+    plain = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", "b@0"], cwd=repo, env=env(),
+                           capture_output=True, text=True)
+    assert plain.returncode != 0 and "join() argument must be" in plain.stderr  # DVC 3.67's own lookup
+    lines: list[str] = []
+    answer = reuse_cached(repo, ["a", "b@0"], env=env(), on_line=lines.append)
+    assert set(answer) == {"a"}  # b@0 has no run to restore: its task runs it
+    assert not [line for line in lines if "Traceback" in line or "the cache pass" in line], lines
+    assert run_stage(repo, "b@0", env=env()).outcome == "ran"
+    assert (repo / "b0.txt").read_text() == "a0"
+    assert [p.name for p in folder.iterdir()], "the rerun recorded its run"
+
+
+def test_a_run_cache_lookup_leaves_a_writers_temporary_file_alone(repo):
+    assert run_stage(repo, "a", env=env()).outcome == "ran"
+    assert run_stage(repo, "b@0", env=env()).outcome == "ran"
+    folder = _empty_run_cache_entry(repo)
+    writing = folder / ".0f3c.tmp"  # another process of a shared cache, halfway through its entry
+    writing.write_text("cmd: python -c \"open('b0.txt',")
+    _forget_in_dvc_lock(repo, "b@0")
+    assert run_stage(repo, "b@0", env=env()).outcome == "ran"
+    assert writing.read_text() == "cmd: python -c \"open('b0.txt',"
+    assert len([p for p in folder.iterdir() if not p.name.startswith(".")]) == 1
+
+
+def test_the_flows_dvc_processes_read_finished_run_cache_entries_only():
+    code = "from flows.dvc_cli import read_finished_run_cache_entries_only as f; assert f() and f()"
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], check=True)
