@@ -142,8 +142,8 @@ def load(name: str) -> ctypes.CDLL | None:
 
 
 def available() -> list[str]:
-    """The kernels that run in this process (built, not turned off, and for ``conv_wgrad`` a CPU with
-    AMX): for benchmark reports."""
-    from . import conv_wgrad
+    """The kernels that run in this process, as each kernel's module decides (built, not turned off,
+    and whatever the CPU must have, such as AMX for ``conv_wgrad``): for benchmark reports."""
+    import importlib
 
-    return [name for name in NAMES if load(name) is not None and (name != "conv_wgrad" or conv_wgrad._library() is not None)]
+    return [name for name in NAMES if importlib.import_module(f"{__name__}.{name}")._library() is not None]
