@@ -138,9 +138,15 @@ def read_finished_run_cache_entries_only() -> bool:
     return True
 
 
-def main(argv: list[str]) -> int:
+def keep_dvc_records_whole() -> None:
+    """What every DVC process of the flow changes in DVC, so that a killed one leaves nothing that
+    fails the next: dvc.lock replaced whole, run-cache lookups among finished entries only."""
     write_dvc_files_atomically()
     read_finished_run_cache_entries_only()
+
+
+def main(argv: list[str]) -> int:
+    keep_dvc_records_whole()
     poll_lock_often()
     from dvc.cli import main as dvc_main
 

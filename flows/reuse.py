@@ -38,11 +38,10 @@ def reuse(workspace: Path, names: list[str]) -> list[dict]:
     import dvc.stage.run as dvc_run
     from dvc.repo import Repo, lock_repo
 
-    from .dvc_cli import read_finished_run_cache_entries_only, write_dvc_files_atomically
+    from .dvc_cli import keep_dvc_records_whole
     from .stages import stage_graph
 
-    write_dvc_files_atomically()  # its one rewrite of dvc.lock, too
-    read_finished_run_cache_entries_only()
+    keep_dvc_records_whole()  # its one rewrite of dvc.lock, too
     graph = {s.name: s for s in stage_graph(workspace)}
     may_run: set[str] = set()
     cmd_run = dvc_run.cmd_run
