@@ -17,8 +17,9 @@
     kernels with BatchNorm and ReLU run apart, and the native kernels applying them as the pools write
     (what inference runs); the median images per second of each.
 (g) The weight gradient of a 3x3 conv on AMX tiles (``conv_wgrad``) against oneDNN's backward-weights
-    kernel at the shapes ``fastcnn`` and ``fastcnn_l`` train (bf16), and its share of (d): the engine
-    with every native kernel but this one.
+    kernel at the shapes ``fastcnn``, ``fastcnn_l`` and ``fastcnn_s`` train (bf16), and its share of (d):
+    the engine with every native kernel but this one (where the tiles do not run, 3x3 maps take the
+    small-map matrix product, as on a CPU without AMX).
 (f) With ``--accuracy-seeds N``: the test accuracy of each ``--accuracy MODEL:BATCH`` trained on the
     whole of Fashion-MNIST for ``--accuracy-epochs`` (bf16, weak view, Nesterov SGD with warmup and
     cosine) the four ways of (d), seeds 0..N-1: the fused first layer, the BatchNorm kernel and the
@@ -57,7 +58,9 @@ POOL_SHAPES = [(960, 16, 28, 28), (960, 32, 14, 14), (960, 64, 7, 7), (256, 16, 
 CONV_POOL_SHAPES = [(960, 1, 16, 28), (256, 1, 16, 28), (256, 1, 32, 28)]  # batch, c_in, c_out, size
 BN_RELU_SHAPES = [(960, 16, 14, 14), (960, 32, 7, 7), (960, 64, 3, 3), (960, 128, 3, 3), (256, 16, 7, 7), (256, 64, 3, 3)]
 WGRAD_SHAPES = [(512, 16, 32, 14), (512, 32, 64, 7), (960, 16, 32, 14), (960, 32, 64, 7), (256, 32, 64, 14),
-                (256, 64, 128, 7)]  # batch, c_in, c_out, size
+                (256, 64, 128, 7), (512, 64, 128, 3), (960, 64, 128, 3),  # fastcnn, fastcnn_l
+                (512, 4, 8, 14), (512, 8, 16, 14), (512, 32, 64, 3), (256, 4, 8, 14), (256, 8, 16, 14),
+                (256, 32, 64, 3)]  # fastcnn_s: batch, c_in, c_out, size
 KERNELS = {"maxpool2": maxpool2, "conv_pool": conv_pool, "bn_relu": bn_relu, "conv_wgrad": conv_wgrad}
 NATIVE_APPLIES = {name: module.applies for name, module in KERNELS.items()}
 TORCH_APPLIES = {"maxpool2": lambda x: False, "conv_pool": lambda x, conv: False, "bn_relu": lambda x, bn: False,

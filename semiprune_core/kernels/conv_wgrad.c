@@ -29,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
 #include "parallel.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
@@ -53,14 +54,16 @@ typedef struct __attribute__((packed)) {
     uint8_t rows[16];
 } tile_config;
 
-/* All eight tiles 16 rows of 64 bytes: 16 x 16 fp32 sums, 16 x 32 bf16 of x, 16 pairs x 16 of g. */
-static void configure_tiles(void) {
+/* Tiles 0, 1, 4, 5: sums (cr channels of x x ob channels of g, fp32); 2, 3: g (16 pairs of positions x
+ * ob channels); 6, 7: x (cr channels x 32 positions). cr and ob are 16 except for a layer with fewer
+ * channels, which has a single block of them. */
+static void configure_tiles(int cr, int ob) {
     tile_config cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
     for (int t = 0; t < 8; t++) {
-        cfg.rows[t] = 16;
-        cfg.colsb[t] = 64;
+        cfg.rows[t] = t == 2 || t == 3 ? 16 : cr;
+        cfg.colsb[t] = t == 6 || t == 7 ? 64 : ob * 4;
     }
     _tile_loadconfig(&cfg);
 }
@@ -97,18 +100,34 @@ static inline void transpose16(v16 r[16]) {
     }
 }
 
+/* n (up to 16) positions of c (< 16) channels at xs -> c rows of 16 at xt (rows lx apart), zeros past n.
+ * Apart from lay_out so that its variable-length copies do not keep lay_out's 16-channel blocks out
+ * of registers (25 % slower at 16 -> 32 channels on 14x14 maps). */
+static __attribute__((noinline)) void few_channels(const uint16_t *xs, int64_t c, int64_t n, uint16_t *xt, int64_t lx) {
+    v16 v[16];
+    for (int64_t p = 0; p < 16; p++) {
+        v[p] = (v16){0};
+        if (p < n) memcpy(&v[p], xs + p * c, c * sizeof *xs);
+    }
+    transpose16(v);
+    for (int64_t ch = 0; ch < c; ch++) memcpy(xt + ch * lx, &v[ch], sizeof v[ch]);
+}
+
 typedef struct {
     const uint16_t *x, *g;
     float *dw;  /* (parts, 9, C, O) */
+    float *db;  /* (parts, O), the bias's gradient, or NULL */
     int64_t h, w, c, o, images; /* images: per block */
 } job;
 
 /* Lays out images [a, a + m) in xt (c rows of lx, zeros where no pixel lands: the caller zeroes it
- * once, and only zeros are ever written there) and gv (kp / 2 rows of o pairs). */
-static void lay_out(const job *j, int64_t a, int64_t m, int64_t kp, int64_t lx, uint16_t *xt, uint32_t *gv) {
+ * once, and only zeros are ever written there) and gv (kp / 2 rows of o pairs, likewise). */
+static void lay_out(const job *j, int64_t a, int64_t m, int64_t kp, int64_t lx, uint16_t *xt, uint32_t *gv, float *db) {
     const int64_t h = j->h, w = j->w, c = j->c, o = j->o, w1 = w + 1, s = (h + 1) * w1;
-    if (m < j->images) /* a last, shorter block: the images of the block before lie past its end */
+    if (m < j->images) { /* a last, shorter block: the images of the block before lie past its end */
         for (int64_t ch = 0; ch < c; ch++) memset(xt + ch * lx + m * s, 0, (lx - m * s) * sizeof *xt);
+        memset(gv + (m * s >> 1) * o, 0, (kp / 2 - (m * s >> 1)) * o * sizeof *gv);
+    }
     for (int64_t im = 0; im < m; im++)
         for (int64_t r = 0; r < h; r++) {
             const uint16_t *xs = j->x + ((a + im) * h + r) * w * c;
@@ -117,6 +136,10 @@ static void lay_out(const job *j, int64_t a, int64_t m, int64_t kp, int64_t lx, 
              * on the padding or on later rows that overwrite them */
             for (int64_t s0 = 0; s0 < w; s0 += 16) {
                 const int64_t n = w - s0 < 16 ? w - s0 : 16;
+                if (c < 16) { /* a layer of fewer than 16 channels */
+                    few_channels(xs + s0 * c, c, n, xt + q0 + s0, lx);
+                    continue;
+                }
                 for (int64_t cb = 0; cb < c; cb += 16) {
                     v16 v[16];
                     for (int64_t p = 0; p < 16; p++) {
@@ -128,69 +151,83 @@ static void lay_out(const job *j, int64_t a, int64_t m, int64_t kp, int64_t lx, 
                 }
             }
         }
-    /* gv: each pair of positions in one pass, the padding positions as zeros */
-    int64_t im = 0, r = 0, col = 0; /* position k's image, row and column, counted along */
-    for (int64_t k2 = 0; k2 < kp / 2; k2++) {
-        const uint16_t *pair[2];
-        for (int e = 0; e < 2; e++) {
-            pair[e] = im < m && r < h && col < w ? j->g + (((a + im) * h + r) * w + col) * o : NULL;
-            if (++col == w1) {
-                col = 0;
-                if (++r == h + 1) r = 0, im++;
+    /* gv: row by row, the pairs of positions that hold a pixel of g (the rest stay zero): a pair that
+     * starts at the padding before the row, the pairs inside it, one that ends at the padding after it */
+    for (int64_t im = 0; im < m; im++)
+        for (int64_t r = 0; r < h; r++) {
+            const uint16_t *src = j->g + ((a + im) * h + r) * w * o;
+            const int64_t q = im * s + r * w1;
+            int64_t p = 0;
+            if (q & 1) {
+                uint32_t *dst = gv + (q >> 1) * o;
+                for (int64_t ch = 0; ch < o; ch++) dst[ch] = (uint32_t)src[ch] << 16;
+                p = 1;
             }
+            for (; p + 1 < w; p += 2) {
+                const uint16_t *lo = src + p * o, *hi = lo + o;
+                uint32_t *dst = gv + ((q + p) >> 1) * o;
+                for (int64_t ch = 0; ch < o; ch++) dst[ch] = lo[ch] | (uint32_t)hi[ch] << 16;
+            }
+            if (p < w) {
+                uint32_t *dst = gv + ((q + p) >> 1) * o;
+                for (int64_t ch = 0; ch < o; ch++) dst[ch] = src[p * o + ch];
+            }
+            if (db) /* the row is in the level-1 cache now */
+                for (p = 0; p < w; p++)
+                    for (int64_t ch = 0; ch < o; ch++) db[ch] += bf16_value(src[p * o + ch]);
         }
-        uint32_t *dst = gv + k2 * o;
-        const uint16_t *lo = pair[0], *hi = pair[1];
-        if (lo && hi)
-            for (int64_t ch = 0; ch < o; ch++) dst[ch] = lo[ch] | (uint32_t)hi[ch] << 16;
-        else if (lo)
-            for (int64_t ch = 0; ch < o; ch++) dst[ch] = lo[ch];
-        else if (hi)
-            for (int64_t ch = 0; ch < o; ch++) dst[ch] = (uint32_t)hi[ch] << 16;
-        else
-            memset(dst, 0, o * sizeof *dst);
-    }
 }
 
-/* Adds positions [0, kp) of the laid-out block to acc (9, c, o). */
-static void accumulate(const job *j, int64_t kp, int64_t lx, const uint16_t *xt, const uint32_t *gv, float *acc) {
+/* Adds positions [kb, ke) of the laid-out block to the sums of x's channels [cb, cb + cr), g's
+ * [ob, ob + 16 * (1 + two)) and taps `tap` and `tap + 1` (tap 8 alone), in tiles of cr x ow. */
+static inline __attribute__((always_inline)) void tile_products(const job *j, int64_t kb, int64_t ke, int64_t lx,
+        const uint16_t *xt, const uint32_t *gv, float *acc, int64_t cb, int64_t ob, int tap, int two, int ow) {
     const int64_t c = j->c, o = j->o, w1 = j->w + 1, stride_c = o * sizeof(float), stride_g = o * sizeof(uint32_t);
+    const int64_t shift0 = tap / 3 * w1 + tap % 3, shift1 = (tap + 1) / 3 * w1 + (tap + 1) % 3;
+    float *c0 = acc + (tap * c + cb) * o + ob, *c1 = c0 + c * o;
+    const uint16_t *a = xt + cb * lx;
+    _tile_loadd(0, c0, stride_c);
+    if (two) _tile_loadd(1, c0 + ow, stride_c);
+    if (tap < 8) { /* two taps share each tile of g */
+        _tile_loadd(4, c1, stride_c);
+        if (two) _tile_loadd(5, c1 + ow, stride_c);
+        for (int64_t k = kb; k < ke; k += 32) {
+            _tile_loadd(2, gv + (k >> 1) * o + ob, stride_g);
+            if (two) _tile_loadd(3, gv + (k >> 1) * o + ob + ow, stride_g);
+            _tile_loadd(6, a + k + shift0, lx * sizeof *a);
+            _tile_loadd(7, a + k + shift1, lx * sizeof *a);
+            _tile_dpbf16ps(0, 6, 2);
+            if (two) _tile_dpbf16ps(1, 6, 3);
+            _tile_dpbf16ps(4, 7, 2);
+            if (two) _tile_dpbf16ps(5, 7, 3);
+        }
+        _tile_stored(4, c1, stride_c);
+        if (two) _tile_stored(5, c1 + ow, stride_c);
+    } else {
+        for (int64_t k = kb; k < ke; k += 32) {
+            _tile_loadd(2, gv + (k >> 1) * o + ob, stride_g);
+            if (two) _tile_loadd(3, gv + (k >> 1) * o + ob + ow, stride_g);
+            _tile_loadd(6, a + k + shift0, lx * sizeof *a);
+            _tile_dpbf16ps(0, 6, 2);
+            if (two) _tile_dpbf16ps(1, 6, 3);
+        }
+    }
+    _tile_stored(0, c0, stride_c);
+    if (two) _tile_stored(1, c0 + ow, stride_c);
+}
+
+/* Adds positions [0, kp) of the laid-out block to acc (9, c, o): g's channels 32 at a time (two tiles
+ * per tile of x), a last 16 (or all of them, up to 16) in one. */
+static void accumulate(const job *j, int64_t kp, int64_t lx, const uint16_t *xt, const uint32_t *gv, float *acc) {
+    const int64_t c = j->c, o = j->o;
+    const int ow = o < 16 ? (int)o : 16;
     for (int64_t kb = 0; kb < kp; kb += KBLOCK) {
         const int64_t ke = kb + KBLOCK < kp ? kb + KBLOCK : kp;
         for (int64_t cb = 0; cb < c; cb += 16)
             for (int64_t ob = 0; ob < o; ob += 32)
                 for (int tap = 0; tap < 9; tap += 2) {
-                    const int64_t shift0 = tap / 3 * w1 + tap % 3, shift1 = (tap + 1) / 3 * w1 + (tap + 1) % 3;
-                    float *c0 = acc + (tap * c + cb) * o + ob, *c1 = c0 + c * o;
-                    const uint16_t *a = xt + cb * lx;
-                    _tile_loadd(0, c0, stride_c);
-                    _tile_loadd(1, c0 + 16, stride_c);
-                    if (tap < 8) { /* two taps share each tile of g */
-                        _tile_loadd(4, c1, stride_c);
-                        _tile_loadd(5, c1 + 16, stride_c);
-                        for (int64_t k = kb; k < ke; k += 32) {
-                            _tile_loadd(2, gv + (k >> 1) * o + ob, stride_g);
-                            _tile_loadd(3, gv + (k >> 1) * o + ob + 16, stride_g);
-                            _tile_loadd(6, a + k + shift0, lx * sizeof *a);
-                            _tile_loadd(7, a + k + shift1, lx * sizeof *a);
-                            _tile_dpbf16ps(0, 6, 2);
-                            _tile_dpbf16ps(1, 6, 3);
-                            _tile_dpbf16ps(4, 7, 2);
-                            _tile_dpbf16ps(5, 7, 3);
-                        }
-                        _tile_stored(4, c1, stride_c);
-                        _tile_stored(5, c1 + 16, stride_c);
-                    } else {
-                        for (int64_t k = kb; k < ke; k += 32) {
-                            _tile_loadd(2, gv + (k >> 1) * o + ob, stride_g);
-                            _tile_loadd(3, gv + (k >> 1) * o + ob + 16, stride_g);
-                            _tile_loadd(6, a + k + shift0, lx * sizeof *a);
-                            _tile_dpbf16ps(0, 6, 2);
-                            _tile_dpbf16ps(1, 6, 3);
-                        }
-                    }
-                    _tile_stored(0, c0, stride_c);
-                    _tile_stored(1, c0 + 16, stride_c);
+                    if (o - ob >= 32) tile_products(j, kb, ke, lx, xt, gv, acc, cb, ob, tap, 1, 16);
+                    else tile_products(j, kb, ke, lx, xt, gv, acc, cb, ob, tap, 0, ow);
                 }
     }
 }
@@ -199,17 +236,19 @@ static void accumulate(const job *j, int64_t kp, int64_t lx, const uint16_t *xt,
 static int run_part(const job *j, int64_t begin, int64_t end, int part) {
     const int64_t w1 = j->w + 1, s = (j->h + 1) * w1, c = j->c, o = j->o;
     const int64_t kmax = (j->images * s + 31) / 32 * 32, lx = kmax + 2 * w1 + 2 + 32;
-    float *acc = j->dw + part * 9 * c * o;
+    float *acc = j->dw + part * 9 * c * o, *db = j->db ? j->db + part * o : NULL;
     memset(acc, 0, 9 * c * o * sizeof *acc);
+    if (db) memset(db, 0, o * sizeof *db);
     uint16_t *xt = aligned_alloc(64, (c * lx * sizeof *xt + 63) / 64 * 64);
     uint32_t *gv = aligned_alloc(64, (kmax / 2 * o * sizeof *gv + 63) / 64 * 64);
     const int ok = xt != NULL && gv != NULL;
     if (ok) {
         memset(xt, 0, c * lx * sizeof *xt); /* the padding, which stays zero */
-        configure_tiles();
+        memset(gv, 0, kmax / 2 * o * sizeof *gv);
+        configure_tiles(c < 16 ? (int)c : 16, o < 16 ? (int)o : 16);
         for (int64_t a = begin; a < end; a += j->images) {
             const int64_t m = end - a < j->images ? end - a : j->images, kp = (m * s + 31) / 32 * 32;
-            lay_out(j, a, m, kp, lx, xt, gv);
+            lay_out(j, a, m, kp, lx, xt, gv, db);
             accumulate(j, kp, lx, xt, gv, acc);
         }
         _tile_release();
@@ -219,14 +258,15 @@ static int run_part(const job *j, int64_t begin, int64_t end, int part) {
     return ok;
 }
 
-/* x: (n, h, w, c) bf16, g: (n, h, w, o) bf16, both contiguous; c a multiple of 16, o of 32. dw:
- * (threads, 9, c, o) fp32. Returns how many parts of dw hold sums (the rest are not written), or -1
- * where a part could not allocate its buffers. */
-int conv3x3_wgrad(const uint16_t *x, const uint16_t *g, float *dw, int64_t n, int64_t h, int64_t w, int64_t c,
+/* x: (n, h, w, c) bf16, g: (n, h, w, o) bf16, both contiguous; c and o each a multiple of 16 or 1 to
+ * 16. dw: (threads, 9, c, o) fp32; db: (threads, o) fp32 for g's sums per channel (a bias's gradient),
+ * or NULL. Returns how many parts of dw (and db) hold sums (the rest are not written), or -1 where a
+ * part could not allocate its buffers. */
+int conv3x3_wgrad(const uint16_t *x, const uint16_t *g, float *dw, float *db, int64_t n, int64_t h, int64_t w, int64_t c,
                   int64_t o, int threads) {
     const int64_t s = (h + 1) * (w + 1);
     const int64_t images = s >= 2048 ? 1 : 2048 / s < 8 ? 2048 / s : 8; /* a block of about 2048 positions */
-    const job j = {x, g, dw, h, w, c, o, images};
+    const job j = {x, g, dw, db, h, w, c, o, images};
     const int parts = parts_for(n, n * h * w * o, threads);
     int failed = 0;
 #pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1) reduction(| : failed)
@@ -238,9 +278,9 @@ int conv3x3_wgrad(const uint16_t *x, const uint16_t *g, float *dw, int64_t n, in
 
 int conv3x3_wgrad_ready(void) { return 0; }
 
-int conv3x3_wgrad(const uint16_t *x, const uint16_t *g, float *dw, int64_t n, int64_t h, int64_t w, int64_t c,
+int conv3x3_wgrad(const uint16_t *x, const uint16_t *g, float *dw, float *db, int64_t n, int64_t h, int64_t w, int64_t c,
                   int64_t o, int threads) {
-    (void)x, (void)g, (void)dw, (void)n, (void)h, (void)w, (void)c, (void)o, (void)threads;
+    (void)x, (void)g, (void)dw, (void)db, (void)n, (void)h, (void)w, (void)c, (void)o, (void)threads;
     return -1;
 }
 

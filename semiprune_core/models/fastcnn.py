@@ -113,26 +113,28 @@ class _SmallMapConv(torch.autograd.Function):
 
 
 class _TileConv(torch.autograd.Function):
-    """bf16 3x3 convolution (stride 1, padding 1, no bias) with its weight gradient on AMX tiles
+    """bf16 3x3 convolution (stride 1, padding 1, optional bias) with its weight gradient on AMX tiles
     (:mod:`semiprune_core.kernels.conv_wgrad`), in fp32 for the fp32 ``weight``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         w16 = weight.to(torch.bfloat16)
         ctx.save_for_backward(x, w16)
-        return F.conv2d(x, w16, padding=1)
+        return F.conv2d(x, w16, None if bias is None else bias.to(torch.bfloat16), padding=1)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         x, w16 = ctx.saved_tensors
         grad = grad.contiguous(memory_format=torch.channels_last)
-        grad_x = grad_w = None
+        grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.ops.aten.convolution_backward(
                 grad, x, w16, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False])[0]
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[2]:  # summed in fp32 as the kernel lays out grad
+            grad_w, grad_b = native_conv_wgrad.conv3x3_weight_and_bias_grad(x, grad)
+        elif ctx.needs_input_grad[1]:
             grad_w = native_conv_wgrad.conv3x3_weight_grad(x, grad)
-        return grad_x, grad_w
+        return grad_x, grad_w, grad_b
 
 
 #: largest map (pixels) on which the AMX weight gradient beat oneDNN's (2-core Xeon, bf16, batch 512):
@@ -147,40 +149,42 @@ SMALL_MAP_MIN_WORK = 1_500_000
 
 
 class Conv3x3(nn.Conv2d):
-    """``nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)`` that trains faster on small maps on a CPU.
+    """``nn.Conv2d(c_in, c_out, 3, padding=1, bias=bias)`` that trains faster on a CPU.
 
-    On maps of 3x3 pixels or fewer (``fastcnn``'s last stage on 28x28 images), oneDNN's bf16
-    backward-weights kernel took 7-10x as long as its forward: 2.9 ms of a 14 ms ``fastcnn`` step
-    at batch 256 on 2 cores, 11.8 ms at FixMatch's 960 rows. There, under CPU bf16 autocast and with
-    enough work (:data:`SMALL_MAP_MIN_WORK`), the weight gradient is instead one matrix product over
-    the batch, (pixels * c_out, batch) @ (batch, pixels * c_in), whose blocks are summed into the nine
-    kernel taps (4.7 ms at 960 rows); the forward and the input gradient stay oneDNN's. The weight
-    gradient is the same up to bf16 rounding (0.23 % relative error against float64, oneDNN's 0.16 %:
-    the product's blocks are rounded before the taps sum them).
+    On a CPU with AMX, under CPU bf16 autocast, on maps of up to :data:`TILE_MAX_PIXELS` pixels (all of
+    ``fastcnn``'s but the first, the first is :mod:`semiprune_core.kernels.conv_pool`'s) and with input
+    and output channels each a multiple of 16 or at most 16, the weight gradient comes from
+    :mod:`semiprune_core.kernels.conv_wgrad`: the fp32 sum of the exact bf16 products, where oneDNN's
+    kernel rounds it to bf16 (0.17 % relative error against float64; the tiles' is below 1e-6), and
+    1.3-1.7x (14x14 maps) to 2-6x (7x7 and 3x3 maps, where oneDNN's takes 3-10x its forward) as fast,
+    batch 512 on two cores: 32 -> 64 channels at 7x7 1.37 -> 0.58 ms, at 3x3 0.95 -> 0.26 ms. A bias's
+    gradient is summed in fp32 too. The forward and the input gradient stay oneDNN's bits.
 
-    On maps of 10 to :data:`TILE_MAX_PIXELS` pixels (``fastcnn``'s 14x14 and 7x7 stages), on a CPU with
-    AMX, the weight gradient comes from :mod:`semiprune_core.kernels.conv_wgrad` instead: the fp32 sum
-    of the exact bf16 products, where oneDNN's kernel, 3-4x slower than its forward there, rounds it to
-    bf16 (0.17 % relative error against float64; the tiles' is below 1e-6). 32 -> 64 channels at 7x7,
-    batch 512: 1.37 -> 0.58 ms. The forward and the input gradient stay oneDNN's bits.
+    Without AMX, on maps of 3x3 pixels or fewer, without a bias and with enough work
+    (:data:`SMALL_MAP_MIN_WORK`), the weight gradient is instead one matrix product over the batch,
+    (pixels * c_out, batch) @ (batch, pixels * c_in), whose blocks are summed into the nine kernel taps:
+    oneDNN's took 7-10x its forward there (2.9 ms of a 14 ms ``fastcnn`` step at batch 256, 11.8 ms
+    at FixMatch's 960 rows; the product 4.7 ms). The same up to bf16 rounding (0.23 % relative error
+    against float64, oneDNN's 0.16 %: the product's blocks are rounded before the taps sum them).
 
-    Elsewhere (fp32, a GPU, larger maps, smaller layers, inference, ``torch.compile``) it is
+    Elsewhere (fp32, a GPU, larger maps, other channel counts, inference, ``torch.compile``) it is
     ``nn.Conv2d``, bit for bit.
     """
 
-    def __init__(self, c_in: int, c_out: int) -> None:
-        super().__init__(c_in, c_out, 3, padding=1, bias=False)
+    def __init__(self, c_in: int, c_out: int, *, bias: bool = False) -> None:
+        super().__init__(c_in, c_out, 3, padding=1, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if (x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
                 and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not torch.compiler.is_compiling()):
             pixels = x.shape[-2] * x.shape[-1]
-            if pixels <= 9 and x.shape[0] * self.in_channels * self.out_channels >= SMALL_MAP_MIN_WORK:
+            if pixels <= TILE_MAX_PIXELS and self.weight.requires_grad and native_conv_wgrad.applies(x, self.weight):
+                with torch.autocast("cpu", enabled=False):
+                    return _TileConv.apply(x.to(torch.bfloat16), self.weight, self.bias)
+            if (pixels <= 9 and self.bias is None
+                    and x.shape[0] * self.in_channels * self.out_channels >= SMALL_MAP_MIN_WORK):
                 with torch.autocast("cpu", enabled=False):
                     return _SmallMapConv.apply(x.to(torch.bfloat16), self.weight.to(torch.bfloat16))
-            if 9 < pixels <= TILE_MAX_PIXELS and self.weight.requires_grad and native_conv_wgrad.applies(x, self.weight):
-                with torch.autocast("cpu", enabled=False):
-                    return _TileConv.apply(x.to(torch.bfloat16), self.weight)
         return super().forward(x)
 
 
@@ -236,7 +240,7 @@ class FastCNN(Classifier):
             raise ValueError(f"fastcnn stem must be 'conv' or 's2d', got {stem!r}")
         if stem == "s2d":
             # no BatchNorm right after the stem conv: with 8 channels in channels_last it cost ~20% of a step
-            layers: list[nn.Module] = [SpaceToDepth(), nn.Conv2d(4 * in_channels, widths[0], 3, padding=1), nn.ReLU(inplace=True)]
+            layers: list[nn.Module] = [SpaceToDepth(), Conv3x3(4 * in_channels, widths[0], bias=True), nn.ReLU(inplace=True)]
             for _ in range(depth - 1):
                 layers += [Conv3x3(widths[0], widths[0]), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)]
         else:

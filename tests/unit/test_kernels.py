@@ -628,8 +628,10 @@ def _weight_grad_f64(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 @needs_tiles
 @pytest.mark.parametrize("n,c,o,h,w", [(1, 16, 32, 7, 7), (5, 32, 64, 14, 14), (3, 16, 32, 5, 6), (2, 32, 32, 16, 16),
                                        (9, 16, 64, 1, 1), (37, 48, 96, 3, 4),
-                                       (160, 16, 32, 7, 7)])  # odd rows, 16-wide rows, blocks of 8 images, two threads
-def test_the_tile_weight_gradient_is_the_fp32_sum_of_exact_products(n, c, o, h, w):
+                                       (160, 16, 32, 7, 7),  # odd rows, 16-wide rows, blocks of 8 images, two threads
+                                       (11, 4, 8, 14, 14), (13, 8, 16, 6, 6), (4, 3, 5, 6, 6), (9, 12, 16, 16, 16),
+                                       (7, 16, 48, 7, 7), (10, 32, 16, 3, 3), (3, 1, 16, 28, 28)])  # fewer than 16 channels,
+def test_the_tile_weight_gradient_is_the_fp32_sum_of_exact_products(n, c, o, h, w):  # a last 16; short last blocks
     gen = torch.Generator().manual_seed(n)
     x = torch.randn(n, c, h, w, generator=gen).bfloat16().contiguous(memory_format=torch.channels_last)
     grad = torch.randn(n, o, h, w, generator=gen).bfloat16().contiguous(memory_format=torch.channels_last)
@@ -638,6 +640,11 @@ def test_the_tile_weight_gradient_is_the_fp32_sum_of_exact_products(n, c, o, h, 
     assert got.dtype == torch.float32 and got.shape == (o, c, 3, 3)
     assert float((got.double() - exact).norm() / exact.norm()) < 2e-6  # oneDNN's bf16 output: 1.7e-3
     assert float((got.double() - exact).abs().max()) < 1e-5 * float(exact.abs().max()) + 1e-6
+    weight, bias = conv_wgrad.conv3x3_weight_and_bias_grad(x, grad)
+    assert torch.equal(weight, got)  # the bias's sums change nothing else
+    sums = grad.double().sum((0, 2, 3))
+    assert bias.dtype == torch.float32 and bias.shape == (o,)
+    assert float((bias.double() - sums).abs().max()) < 1e-5 * float(sums.abs().max()) + 1e-5
 
 
 @needs_tiles
@@ -667,8 +674,8 @@ def test_a_nan_in_the_input_makes_its_channels_taps_nan_and_leaves_the_rest_exac
 @needs_compiler
 def test_convolutions_the_tile_weight_gradient_does_not_take_are_refused():
     x = torch.randn(2, 16, 7, 7)
-    assert not conv_wgrad.applies(torch.randn(2, 8, 7, 7), torch.empty(32, 8, 3, 3))  # input channels not 16k
-    assert not conv_wgrad.applies(x, torch.empty(48, 16, 3, 3))  # output channels not 32k
+    assert not conv_wgrad.applies(torch.randn(2, 24, 7, 7), torch.empty(32, 24, 3, 3))  # input channels past 16, not 16k
+    assert not conv_wgrad.applies(x, torch.empty(40, 16, 3, 3))  # output channels past 16, not 16k
     assert not conv_wgrad.applies(x, torch.empty(32, 16, 5, 5))  # not 3x3
     assert not conv_wgrad.applies(x, torch.empty(32, 32, 3, 3))  # channels that do not match
     with pytest.raises(ValueError, match="multiple of 16"):
@@ -676,14 +683,15 @@ def test_convolutions_the_tile_weight_gradient_does_not_take_are_refused():
 
 
 @needs_tiles
-def test_fastcnn_convs_train_with_the_tile_weight_gradient_and_onednns_values():
-    from semiprune_core.models.fastcnn import Conv3x3
+@pytest.mark.parametrize("c,o,size,bias", [(32, 64, 7, False), (32, 64, 3, False), (64, 128, 3, False), (4, 8, 14, True)])
+def test_fastcnn_convs_train_with_the_tile_weight_gradient_and_onednns_values(c, o, size, bias):
+    from semiprune_core.models.fastcnn import Conv3x3  # 3x3 maps: the tiles, not the small-map product
 
     gen = torch.Generator().manual_seed(0)
-    conv, ref = Conv3x3(32, 64), torch.nn.Conv2d(32, 64, 3, padding=1, bias=False)
+    conv, ref = Conv3x3(c, o, bias=bias), torch.nn.Conv2d(c, o, 3, padding=1, bias=bias)
     ref.load_state_dict(conv.state_dict())
-    x = torch.randn(24, 32, 7, 7, generator=gen).contiguous(memory_format=torch.channels_last)
-    grad = torch.randn(24, 64, 7, 7, generator=gen).bfloat16()
+    x = torch.randn(24, c, size, size, generator=gen).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(24, o, size, size, generator=gen).bfloat16()
     outs = []
     for layer in (conv, ref):
         xg = x.clone().requires_grad_(True)
@@ -698,6 +706,11 @@ def test_fastcnn_convs_train_with_the_tile_weight_gradient_and_onednns_values():
     assert conv.weight.grad.dtype == torch.float32
     assert float((conv.weight.grad.double() - exact).norm() / exact.norm()) < 2e-6
     assert float((ref.weight.grad.double() - exact).norm() / exact.norm()) < 4e-3  # oneDNN's, rounded to bf16
+    if bias:
+        sums = grad.double().sum((0, 2, 3))
+        assert conv.bias.grad.dtype == torch.float32
+        assert float((conv.bias.grad.double() - sums).norm() / sums.norm()) < 1e-6
+        assert torch.allclose(conv.bias.grad, ref.bias.grad.float(), rtol=1e-2, atol=1e-2)
 
 
 @needs_compiler

@@ -144,9 +144,11 @@ def _bf16_training_pass(conv: nn.Module, x: torch.Tensor, grad: torch.Tensor) ->
 
 
 @pytest.mark.parametrize("size", [(3, 3), (2, 3), (1, 1)])
-def test_fastcnn_small_map_convs_train_with_torchs_values_and_gradients(size):
+def test_fastcnn_small_map_convs_train_with_torchs_values_and_gradients(size, monkeypatch):
+    from semiprune_core.kernels import conv_wgrad
     from semiprune_core.models.fastcnn import SMALL_MAP_MIN_WORK, Conv3x3
 
+    monkeypatch.setattr(conv_wgrad, "applies", lambda x, weight: False)  # a CPU without AMX: no tiles
     gen = torch.Generator().manual_seed(0)
     batch = SMALL_MAP_MIN_WORK // (32 * 64) + 1
     conv, ref = Conv3x3(32, 64), nn.Conv2d(32, 64, 3, padding=1, bias=False)
@@ -166,20 +168,27 @@ def test_fastcnn_small_map_convs_train_with_torchs_values_and_gradients(size):
         assert got.shape == exact.shape and float((got.double() - exact).norm() / exact.norm()) < 4e-3
 
 
-def test_fastcnn_convs_are_torchs_outside_small_bf16_cpu_training():
+@pytest.mark.parametrize("tiles", [True, False], ids=["this-cpu", "no-amx"])
+def test_fastcnn_convs_are_torchs_outside_small_bf16_cpu_training(tiles, monkeypatch):
+    from semiprune_core.kernels import conv_wgrad
     from semiprune_core.models.fastcnn import SMALL_MAP_MIN_WORK, Conv3x3
 
+    if not tiles:
+        monkeypatch.setattr(conv_wgrad, "applies", lambda x, weight: False)
     conv = Conv3x3(32, 64)
     big = SMALL_MAP_MIN_WORK // (32 * 64) + 1
-    cases = {  # what each case leaves out: the path needs all of them
-        "larger map": (torch.randn(4, 32, 17, 17), True),  # past the AMX weight gradient's maps too
-        "small layer": (torch.randn(4, 32, 3, 3), True),
-        "fp32": (torch.randn(big, 32, 3, 3), False),
+    cases = {  # what each case leaves out: each path needs all of them
+        "larger map": (conv, torch.randn(4, 32, 17, 17), True),  # past the AMX weight gradient's maps
+        "channels the tiles do not take": (Conv3x3(24, 40), torch.randn(big, 24, 3, 3), True),
+        "fp32": (conv, torch.randn(big, 32, 3, 3), False),
     }
-    for name, (x, bf16) in cases.items():
+    if not tiles:
+        cases["small layer"] = (conv, torch.randn(4, 32, 3, 3), True)
+        cases["a bias"] = (Conv3x3(32, 64, bias=True), torch.randn(big, 32, 3, 3), True)
+    for name, (layer, x, bf16) in cases.items():
         x.requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            y = conv(x)
+            y = layer(x)
         assert y.grad_fn.name() == "ConvolutionBackward0", name
     x = torch.randn(big, 32, 3, 3)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -192,3 +201,6 @@ def test_fastcnn_builds_its_convs_from_the_small_map_conv():
     model = create_model("fastcnn", in_channels=1, num_classes=10, image_size=28)
     assert sum(isinstance(m, Conv3x3) for m in model.modules()) == 4
     assert [k for k in model.state_dict() if k.endswith("weight")][0] == "body.0.weight"  # saved models still load
+    small = create_model("fastcnn_s", in_channels=1, num_classes=10, image_size=28)  # the space-to-depth stem's too
+    assert sum(isinstance(m, Conv3x3) for m in small.modules()) == 4
+    assert list(small.state_dict())[:2] == ["body.1.weight", "body.1.bias"]  # saved models still load
