@@ -17,7 +17,8 @@
     kernels with BatchNorm and ReLU run apart, and the native kernels applying them as the pools write
     (what inference runs); the median images per second of each.
 (g) The weight gradient of a 3x3 conv on AMX tiles (``conv_wgrad``) against oneDNN's backward-weights
-    kernel at the shapes ``fastcnn``, ``fastcnn_l`` and ``fastcnn_s`` train (bf16), and its share of (d):
+    kernel at the shapes ``fastcnn``, ``fastcnn_l`` and ``fastcnn_s`` train (bf16; on 3x3 maps also the
+    one matrix product over the batch that a CPU without AMX runs there), and its share of (d):
     the engine with every native kernel but this one (where the tiles do not run, 3x3 maps take the
     small-map matrix product, as on a CPU without AMX).
 (f) With ``--accuracy-seeds N``: the test accuracy of each ``--accuracy MODEL:BATCH`` trained on the
@@ -51,7 +52,7 @@ from semiprune_core.allocator import keep_freed_memory  # noqa: E402
 from semiprune_core.kernels import bn_relu, conv_pool, conv_wgrad, maxpool2  # noqa: E402
 from semiprune_core.models import create_model  # noqa: E402
 from semiprune_core.models import fastcnn  # noqa: E402
-from semiprune_core.models.fastcnn import MaxPool2  # noqa: E402
+from semiprune_core.models.fastcnn import MaxPool2, small_map_weight_grad  # noqa: E402
 from semiprune_core.training import Schedule, SupervisedObjective, evaluate, fit, predict  # noqa: E402
 
 POOL_SHAPES = [(960, 16, 28, 28), (960, 32, 14, 14), (960, 64, 7, 7), (256, 16, 28, 28), (256, 16, 14, 14), (256, 32, 7, 7)]
@@ -60,7 +61,7 @@ BN_RELU_SHAPES = [(960, 16, 14, 14), (960, 32, 7, 7), (960, 64, 3, 3), (960, 128
 WGRAD_SHAPES = [(512, 16, 32, 14), (512, 32, 64, 7), (960, 16, 32, 14), (960, 32, 64, 7), (256, 32, 64, 14),
                 (256, 64, 128, 7), (512, 64, 128, 3), (960, 64, 128, 3),  # fastcnn, fastcnn_l
                 (512, 4, 8, 14), (512, 8, 16, 14), (512, 32, 64, 3), (256, 4, 8, 14), (256, 8, 16, 14),
-                (256, 32, 64, 3)]  # fastcnn_s: batch, c_in, c_out, size
+                (256, 32, 64, 3), (512, 128, 256, 3), (256, 128, 256, 3)]  # fastcnn_s, fastcnn_l: batch, c_in, c_out, size
 KERNELS = {"maxpool2": maxpool2, "conv_pool": conv_pool, "bn_relu": bn_relu, "conv_wgrad": conv_wgrad}
 NATIVE_APPLIES = {name: module.applies for name, module in KERNELS.items()}
 TORCH_APPLIES = {"maxpool2": lambda x: False, "conv_pool": lambda x, conv: False, "bn_relu": lambda x, bn: False,
@@ -165,9 +166,14 @@ def wgrads(reps: int) -> list[dict]:
         onednn = median_ms(lambda: torch.ops.aten.convolution_backward(
             grad, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]), reps)
         tiles = median_ms(lambda: conv_wgrad.conv3x3_weight_grad(x, grad), reps)
-        rows.append({"batch": batch, "c_in": c_in, "c_out": c_out, "size": size, "ms_onednn": onednn, "ms_native": tiles})
+        row = {"batch": batch, "c_in": c_in, "c_out": c_out, "size": size, "ms_onednn": onednn, "ms_native": tiles}
+        product = ""
+        if size * size <= 9:  # where a CPU without AMX takes the one matrix product over the batch
+            row["ms_small_map_product"] = median_ms(lambda: small_map_weight_grad(x, grad), reps)
+            product = f"; the small-map matrix product {row['ms_small_map_product']:.3f} ms"
+        rows.append(row)
         print(f"conv {c_in}->{c_out} weight gradient at {size}x{size}, batch {batch}: {onednn:.3f} -> {tiles:.3f} ms "
-              f"({onednn / tiles:.2f}x)", flush=True)
+              f"({onednn / tiles:.2f}x){product}", flush=True)
     return rows
 
 

@@ -96,20 +96,26 @@ class _SmallMapConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         x, weight = ctx.saved_tensors
-        b, c, h, w = x.shape
-        o = weight.shape[0]
         grad = grad.contiguous(memory_format=torch.channels_last)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:  # oneDNN's backward-data kernel is fast: only the weights' is not
             grad_x = torch.ops.aten.convolution_backward(
                 grad, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False])[0]
         if ctx.needs_input_grad[1]:
-            # every (output position, input position) pair's (o, c) block, summed over the batch at once
-            g = grad.permute(0, 2, 3, 1).reshape(b, h * w * o)
-            xs = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(b, h * w * c)
-            pairs = (g.t() @ xs).view(h * w, o, h * w, c).transpose(1, 2).reshape(-1, o * c)
-            grad_w = (_tap_of_pairs(h, w, pairs.dtype) @ pairs).view(3, 3, o, c).permute(2, 3, 0, 1)
+            grad_w = small_map_weight_grad(x, grad)
         return grad_x, grad_w
+
+
+def small_map_weight_grad(x: Tensor, grad: Tensor) -> Tensor:
+    """The weight gradient (O, C, 3, 3) of a stride-1, padding-1 3x3 conv from its input ``x`` (N, C, H, W)
+    and output gradient ``grad`` (N, O, H, W), as one matrix product over the batch: every (output
+    position, input position) pair's (O, C) block at once, then summed into the nine taps."""
+    b, c, h, w = x.shape
+    o = grad.shape[1]
+    g = grad.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(b, h * w * o)
+    xs = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(b, h * w * c)
+    pairs = (g.t() @ xs).view(h * w, o, h * w, c).transpose(1, 2).reshape(-1, o * c)
+    return (_tap_of_pairs(h, w, pairs.dtype) @ pairs).view(3, 3, o, c).permute(2, 3, 0, 1)
 
 
 class _TileConv(torch.autograd.Function):
