@@ -148,6 +148,12 @@ class _TileConv(torch.autograd.Function):
 TILE_MAX_PIXELS = 256
 
 
+#: c_in * c_out up to which the AMX weight gradient is taken over the matrix product on maps of 9 pixels
+#: or fewer (2-core Xeon, bf16): 64 -> 128 at 3x3, batch 512, 0.77 against 0.94 ms (equal at 960); 128 -> 256
+#: (``fastcnn_l``) 3.9 against 2.5 ms at batch 512, where a padded 3x3 map (16 positions for 9) costs the most
+TILE_MAX_PAIRS_ON_SMALL_MAPS = 64 * 128
+
+
 #: batch * c_in * c_out from which the matrix product beat oneDNN's backward-weights kernel on 3x3 maps
 #: (2-core Sapphire Rapids, bf16): 64->128 channels at batch 256 and 32->64 at 960 gained, 48->96 at 256
 #: and 32->64 at 256 (``fastcnn_s``) lost
@@ -166,8 +172,9 @@ class Conv3x3(nn.Conv2d):
     batch 512 on two cores: 32 -> 64 channels at 7x7 1.37 -> 0.58 ms, at 3x3 0.95 -> 0.26 ms. A bias's
     gradient is summed in fp32 too. The forward and the input gradient stay oneDNN's bits.
 
-    Without AMX, on maps of 3x3 pixels or fewer, without a bias and with enough work
-    (:data:`SMALL_MAP_MIN_WORK`), the weight gradient is instead one matrix product over the batch,
+    Without AMX (or, with AMX, for layers wider than :data:`TILE_MAX_PAIRS_ON_SMALL_MAPS`), on maps of
+    3x3 pixels or fewer, without a bias and with enough work (:data:`SMALL_MAP_MIN_WORK`), the weight
+    gradient is instead one matrix product over the batch,
     (pixels * c_out, batch) @ (batch, pixels * c_in), whose blocks are summed into the nine kernel taps:
     oneDNN's took 7-10x its forward there (2.9 ms of a 14 ms ``fastcnn`` step at batch 256, 11.8 ms
     at FixMatch's 960 rows; the product 4.7 ms). The same up to bf16 rounding (0.23 % relative error
@@ -183,12 +190,13 @@ class Conv3x3(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if (x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
                 and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not torch.compiler.is_compiling()):
-            pixels = x.shape[-2] * x.shape[-1]
-            if pixels <= TILE_MAX_PIXELS and self.weight.requires_grad and native_conv_wgrad.applies(x, self.weight):
+            pixels, pairs = x.shape[-2] * x.shape[-1], self.in_channels * self.out_channels
+            product = pixels <= 9 and self.bias is None and x.shape[0] * pairs >= SMALL_MAP_MIN_WORK
+            if (pixels <= TILE_MAX_PIXELS and self.weight.requires_grad and native_conv_wgrad.applies(x, self.weight)
+                    and not (product and pairs > TILE_MAX_PAIRS_ON_SMALL_MAPS)):
                 with torch.autocast("cpu", enabled=False):
                     return _TileConv.apply(x.to(torch.bfloat16), self.weight, self.bias)
-            if (pixels <= 9 and self.bias is None
-                    and x.shape[0] * self.in_channels * self.out_channels >= SMALL_MAP_MIN_WORK):
+            if product:
                 with torch.autocast("cpu", enabled=False):
                     return _SmallMapConv.apply(x.to(torch.bfloat16), self.weight.to(torch.bfloat16))
         return super().forward(x)

@@ -713,6 +713,18 @@ def test_fastcnn_convs_train_with_the_tile_weight_gradient_and_onednns_values(c,
         assert torch.allclose(conv.bias.grad, ref.bias.grad.float(), rtol=1e-2, atol=1e-2)
 
 
+def test_wide_convs_on_small_maps_keep_the_matrix_product_where_it_beat_the_tiles():
+    from semiprune_core.models.fastcnn import SMALL_MAP_MIN_WORK, TILE_MAX_PAIRS_ON_SMALL_MAPS, Conv3x3
+
+    conv = Conv3x3(128, 256)  # fastcnn_l's last stage
+    assert 128 * 256 > TILE_MAX_PAIRS_ON_SMALL_MAPS
+    x = torch.randn(SMALL_MAP_MIN_WORK // (128 * 256) + 1, 128, 3, 3).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv(x.requires_grad_(True)).grad_fn.name() == "_SmallMapConvBackward"
+        # too little work for the product: the tiles where the CPU has them, else oneDNN's kernel
+        assert conv(x[:2]).grad_fn.name() == ("_TileConvBackward" if _has_tiles() else "ConvolutionBackward0")
+
+
 @needs_compiler
 def test_without_amx_convs_keep_onednns_weight_gradient_and_reports_say_the_kernel_did_not_run(monkeypatch):
     from semiprune_core.models.fastcnn import Conv3x3
