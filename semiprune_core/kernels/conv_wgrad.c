@@ -1,8 +1,9 @@
-/* The weight gradient of a 3x3 convolution (stride 1, padding 1, no bias) on Intel AMX tiles: bf16
- * channels-last x (N, H, W, C) and y's gradient g (N, H, W, O) -> dw (9, C, O) in fp32.
+/* The weight gradient of a 3x3 convolution (stride 1, padding 1) on Intel AMX tiles: bf16
+ * channels-last x (N, H, W, C) and y's gradient g (N, H, W, O) -> dw (9, C, O) in fp32, and on request
+ * a bias's gradient db (O), g summed per channel.
  *
- * oneDNN's backward-weights kernel took 3-4x as long as its forward on fastcnn's 7x7 and 14x14 maps
- * (1.32 of 0.35 ms for 32 -> 64 channels at 7x7, batch 512, two cores of a Xeon with AMX). Here the
+ * oneDNN's backward-weights kernel took 3-10x as long as its forward on fastcnn's maps of 14x14 down
+ * to 3x3 (1.32 of 0.35 ms for 32 -> 64 channels at 7x7, batch 512, two cores of a Xeon with AMX). Here the
  * gradient is nine matrix products over positions, dw[tap] = sum_k x(k + shift(tap))^T g(k), on AMX
  * tiles (TDPBF16PS: 16 x 16 fp32 sums of 32 bf16 products at a time).
  *
@@ -11,12 +12,13 @@
  * of the next) and H + 1 rows per image (the extra one is the zero row between images), so
  * S = (H + 1)(W + 1) positions per image. Output position (i, j) of image m is k = m S + i (W + 1) + j
  * and its tap (ky, kx) reads input position k + ky (W + 1) + kx, whatever i and j. The padding costs
- * (H + 1)(W + 1) / (H W) more products: 1.31x at 7x7, 1.15x at 14x14.
+ * (H + 1)(W + 1) / (H W) more products: 1.31x at 7x7, 1.15x at 14x14, 1.78x at 3x3.
  *
  * Per block: xt, x transposed to (C, positions) (a tile's rows run along the summed dimension), and
  * gv, g in AMX's pair-interleaved layout ((positions / 2, O) of bf16 pairs), zero where g has no
  * position. Then, 512 positions at a time (they stay in the level-1 cache), each 16-channel block of
- * x, 32-channel block of g and pair of taps accumulates four 16 x 16 tiles of dw. Every product of
+ * x, 32-channel block of g and pair of taps accumulates four 16 x 16 tiles of dw (a last block of 16
+ * channels of g two tiles; a layer of fewer than 16 channels uses the tiles' first rows or columns). Every product of
  * two bf16 values is exact in fp32, and the sums are fp32 (AMX flushes denormal results to zero),
  * where oneDNN's kernel rounds the gradient to bf16. A NaN or infinity in x makes every tap of its
  * channel NaN (padding positions multiply it by zero), where oneDNN's makes the taps that read it NaN.
