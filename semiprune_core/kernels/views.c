@@ -11,7 +11,9 @@
  *
  * cutout_u8, the strong view's cutout, fills each sample's box in place.
  */
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "parallel.h"
@@ -82,3 +84,109 @@ void cutout_u8(uint8_t *x, const int64_t *top, const int64_t *left, const int64_
             for (int64_t r = r0; r < r1; r++) memset(x + ((b * c + k) * h + r) * w + c0, fill, c1 - c0);
     }
 }
+
+/* colour_ops_f32: one RandAugment round's colour op on every sample of x (n, c, h, w) fp32 on the 0..255
+ * scale, in place: sample b gets op[b] (COLOR_OPS' index, -1 none) with its parameter param[b] (the
+ * enhance factor, posterize's step q or solarize's threshold, computed by augment.py) and, for
+ * contrast, the mean mean[b] of its grey image (computed by torch, whose reduction order this cannot
+ * reproduce). Each op is augment._color_op's float32 arithmetic in its order, so the values are the
+ * same bits: no contraction into fused multiply-adds (torch rounds every product and sum), and
+ * `255 / d` as `(1 / d) * 255`, as torch computes a scalar divided by a tensor. torch's path grouped the
+ * samples by op and ran each op on its group: about 150 small calls per 448-image strong view. */
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+
+enum { IDENTITY, AUTOCONTRAST, EQUALIZE, BRIGHTNESS, CONTRAST, COLOR, SHARPNESS, POSTERIZE, SOLARIZE };
+
+static inline float clamp255(float v) { return v < 0.0f ? 0.0f : v > 255.0f ? 255.0f : v; }
+
+/* _blend: other + f (img - other), clamped */
+static inline float blend(float img, float other, float f) { return clamp255(other + f * (img - other)); }
+
+static inline float grey(float r, float g, float b) { return floorf(0.299f * r + 0.587f * g + 0.114f * b); }
+
+static void autocontrast(float *p, int64_t hw) {
+    float lo = p[0], hi = p[0];
+    for (int64_t i = 1; i < hw; i++) lo = p[i] < lo ? p[i] : lo, hi = p[i] > hi ? p[i] : hi;
+    if (!(hi > lo)) {
+        for (int64_t i = 0; i < hw; i++) p[i] = clamp255(p[i] * 1.0f);
+        return;
+    }
+    const float d = hi - lo, scale = (1.0f / (d > 1e-6f ? d : 1e-6f)) * 255.0f;
+    for (int64_t i = 0; i < hw; i++) p[i] = clamp255((p[i] - lo) * scale);
+}
+
+/* PIL's equalisation on the rounded pixels, all in integers (torch's floats hold them exactly) */
+static void equalize(float *p, int64_t hw) {
+    int64_t hist[256] = {0}, lut[256];
+    for (int64_t i = 0; i < hw; i++) hist[(int)nearbyintf(p[i])]++;
+    int last = 255;
+    while (last > 0 && hist[last] == 0) last--;
+    const int64_t step = (hw - hist[last]) / 255;
+    if (step <= 0) {
+        for (int64_t i = 0; i < hw; i++) p[i] = nearbyintf(p[i]);
+        return;
+    }
+    for (int64_t v = 0, below = 0; v < 256; below += hist[v], v++) {
+        const int64_t l = (below + step / 2) / step;
+        lut[v] = l > 255 ? 255 : l;
+    }
+    for (int64_t i = 0; i < hw; i++) p[i] = (float)lut[(int)nearbyintf(p[i])];
+}
+
+static void sharpness(float *p, float *smooth, int64_t h, int64_t w, float f) {
+    memcpy(smooth, p, h * w * sizeof *p);
+    if (h > 2 && w > 2)
+        for (int64_t i = 1; i < h - 1; i++)
+            for (int64_t j = 1; j < w - 1; j++) {
+                float box = 0.0f;
+                for (int dj = -1; dj <= 1; dj++) {  /* vertical sums of three, then across: torch's order */
+                    const float column = (p[(i - 1) * w + j + dj] + p[i * w + j + dj]) + p[(i + 1) * w + j + dj];
+                    box = dj == -1 ? column : box + column;
+                }
+                smooth[i * w + j] = nearbyintf((box + 4.0f * p[i * w + j]) / 13.0f);
+            }
+    for (int64_t i = 0; i < h * w; i++) p[i] = blend(p[i], smooth[i], f);
+}
+
+static void colour_op(float *x, int64_t c, int64_t h, int64_t w, int op, float param, float mean, float *scratch) {
+    const int64_t hw = h * w;
+    switch (op) {
+    case AUTOCONTRAST: for (int64_t k = 0; k < c; k++) autocontrast(x + k * hw, hw); break;
+    case EQUALIZE: for (int64_t k = 0; k < c; k++) equalize(x + k * hw, hw); break;
+    case BRIGHTNESS: for (int64_t i = 0; i < c * hw; i++) x[i] = blend(x[i], 0.0f, param); break;
+    case CONTRAST: for (int64_t i = 0; i < c * hw; i++) x[i] = blend(x[i], mean, param); break;
+    case COLOR:
+        if (c == 3)
+            for (int64_t i = 0; i < hw; i++) {
+                const float g = grey(x[i], x[hw + i], x[2 * hw + i]);
+                for (int64_t k = 0; k < 3; k++) x[k * hw + i] = blend(x[k * hw + i], g, param);
+            }
+        break;
+    case SHARPNESS: for (int64_t k = 0; k < c; k++) sharpness(x + k * hw, scratch, h, w, param); break;
+    case POSTERIZE: for (int64_t i = 0; i < c * hw; i++) x[i] = floorf(x[i] / param) * param; break;
+    case SOLARIZE: for (int64_t i = 0; i < c * hw; i++) x[i] = x[i] >= param ? 255.0f - x[i] : x[i]; break;
+    default: break;  /* identity, or a geometric op (applied later, as one warp) */
+    }
+}
+
+/* Returns 0, or -1 where a thread could not allocate its scratch image. */
+int colour_ops_f32(float *x, const int32_t *op, const float *param, const float *mean, int64_t n, int64_t c,
+                   int64_t h, int64_t w, int threads) {
+    const int parts = parts_for(n, n * c * h * w, threads);
+    int failed = 0;
+#pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1) reduction(| : failed)
+    for (int t = 0; t < parts; t++) {
+        float *scratch = malloc(h * w * sizeof *scratch);
+        if (!scratch) {
+            failed = 1;
+            continue;
+        }
+        for (int64_t b = part_begin(n, t, parts); b < part_begin(n, t + 1, parts); b++)
+            colour_op(x + b * c * h * w, c, h, w, op[b], param[b], mean[b], scratch);
+        free(scratch);
+    }
+    return failed ? -1 : 0;
+}
+
+#pragma GCC pop_options

@@ -1,10 +1,12 @@
-"""The augmentation views' geometric copies of uint8 CPU image batches, through ``views.c``.
+"""The augmentation views' geometric copies of uint8 CPU image batches, and RandAugment's colour ops, through ``views.c``.
 
 ``pad_crop(x, shift, flip, reflect=...)`` (the weak view's translation and mirror) and
 ``cutout(x, top, left, side, fill)`` give the bytes that :func:`semiprune_core.training.augment.pad_crop`
 and :func:`~semiprune_core.training.augment.cutout` compute with torch's ops for the same random draws:
 one pass where torch's took nine kernels around an int64 index per pixel, and only the boxes written
-where torch's built a mask of the whole batch first.
+where torch's built a mask of the whole batch first. ``colour_ops(x, op, param, mean)`` applies one
+RandAugment round's colour op to each sample of an fp32 batch in place, the same bits as
+:func:`semiprune_core.training.augment._color_op` on the sample's group.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ def _library() -> ctypes.CDLL | None:
     if lib is not None and lib.pad_crop_u8.argtypes is None:
         lib.pad_crop_u8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_int]
         lib.cutout_u8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_uint8] + [ctypes.c_int64] * 4
+        lib.colour_ops_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int]
         lib.pad_crop_u8.restype = lib.cutout_u8.restype = None
+        lib.colour_ops_f32.restype = ctypes.c_int
     return lib
 
 
@@ -62,3 +66,23 @@ def cutout(x: Tensor, top: Tensor, left: Tensor, side: Tensor, fill: int) -> Ten
     out = x.clone()
     _library().cutout_u8(out.data_ptr(), top.data_ptr(), left.data_ptr(), side.data_ptr(), int(fill), n, c, h, w)
     return out
+
+
+def colour_ops_apply(x: Tensor) -> bool:
+    """A contiguous 4-d fp32 CPU batch of 1 or 3 channels, outside ``torch.compile``, with the kernel built."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and x.shape[1] in (1, 3)
+            and x.is_contiguous() and not torch.compiler.is_compiling() and _library() is not None)
+
+
+def colour_ops(x: Tensor, op: Tensor, param: Tensor, mean: Tensor) -> None:
+    """Sample b of ``x`` (N, C, H, W), fp32 on the 0..255 scale, gets colour op ``op[b]`` (an index into
+    ``augment.COLOR_OPS``, -1 for none) with ``param[b]`` (the enhance factor, posterize's step or
+    solarize's threshold) and, for contrast, its grey image's mean ``mean[b]``; in place."""
+    n, c, h, w = x.shape
+    op, param, mean = op.to(torch.int32).contiguous(), param.float().contiguous(), mean.float().contiguous()
+    if not op.shape == param.shape == mean.shape == (n,):
+        raise ValueError(f"colour_ops needs ({n},) op, param and mean, got {tuple(op.shape)}, {tuple(param.shape)}, "
+                         f"{tuple(mean.shape)}")
+    if _library().colour_ops_f32(x.data_ptr(), op.data_ptr(), param.data_ptr(), mean.data_ptr(), n, c, h, w,
+                                 torch.get_num_threads()):
+        raise MemoryError("colour_ops could not allocate its scratch image")

@@ -271,6 +271,22 @@ def _affine_grid(theta: Tensor, h: int, w: int) -> Tensor:
     return _base_grid(h, w, theta.device).expand(len(theta), h * w, 3).bmm(theta.transpose(1, 2)).view(-1, h, w, 2)
 
 
+def _native_colour_round(out: Tensor, ops: tuple[str, ...], op_id: Tensor, mag: Tensor, order: Tensor,
+                         counts: list[int]) -> None:
+    """One round's colour ops in one native call (:func:`semiprune_core.kernels.views.colour_ops`), the
+    same bits as :func:`_color_op` on each op's group: the parameters come from the same torch
+    expressions, and contrast's mean from the same reduction over the same group."""
+    code = torch.tensor([COLOR_OPS.index(name) if name in COLOR_OPS else -1 for name in ops], dtype=torch.int32)[op_id]
+    bits = 4 + (mag * 5).floor().clamp(max=4)
+    param = torch.where(code == COLOR_OPS.index("posterize"), torch.pow(2.0, 8 - bits),
+                        torch.where(code == COLOR_OPS.index("solarize"), 256 * mag, _enhance_factor(mag)))
+    mean = torch.zeros_like(mag)
+    for name, idx in zip(ops, order.split(counts)):
+        if name == "contrast" and idx.numel():
+            mean[idx] = _gray(out[idx]).mean(dim=(1, 2, 3))
+    native_views.colour_ops(out, code, param, mean)
+
+
 def randaugment(
     x: Tensor,
     generator: torch.Generator,
@@ -304,6 +320,9 @@ def randaugment(
             kind = kinds[op_id]
             affine = affine @ _geometric_matrices(kind, mag)  # exact where the identity multiplies
             warped |= kind > 0
+        if native_views.colour_ops_apply(out):
+            _native_colour_round(out, ops, op_id, mag, order, counts)
+            continue
         for name, idx in zip(ops, order.split(counts)):
             if idx.numel() and name not in GEOMETRIC_OPS and name != "identity":
                 out[idx] = _color_op(name, out[idx], mag[idx])

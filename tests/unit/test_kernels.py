@@ -595,6 +595,49 @@ def test_the_cutout_kernel_gives_torchs_bytes(monkeypatch, shape, size, fill):
     assert torch.equal(x, torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
 
 
+def _colour_test_images(kind: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    if kind == "random":
+        x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+    elif kind == "flat":  # autocontrast's and equalize's degenerate cases: one value per image
+        x = torch.randint(0, 256, (shape[0], 1, 1, 1), dtype=torch.uint8, generator=gen).expand(shape).contiguous()
+    else:  # "saturated": 0 and 255 only, and few distinct values
+        x = (torch.randint(0, 2, shape, generator=gen) * 255).to(torch.uint8)
+    return x if dtype == torch.uint8 else x.float() / 255.0
+
+
+@needs_compiler
+@pytest.mark.parametrize("op", augment.COLOR_OPS + ("all",))
+@pytest.mark.parametrize("shape", [(96, 1, 28, 28), (64, 3, 32, 32), (300, 1, 9, 5), (40, 3, 2, 3)])
+@pytest.mark.parametrize("kind,dtype", [("random", torch.uint8), ("random", torch.float32), ("flat", torch.uint8),
+                                        ("saturated", torch.uint8)])
+def test_the_colour_ops_kernel_gives_torchs_bits(monkeypatch, op, shape, kind, dtype):
+    """Every RandAugment colour op alone (two rounds: the second on the first's fractional values) and
+    the whole pool, 1 and 3 channels, uint8 and float, images split over two threads, images too small
+    for sharpness's filter, flat and saturated images: the native round gives torch's path's bits."""
+    x = _colour_test_images(kind, shape, dtype)
+    ops = augment.DEFAULT_OPS if op == "all" else (op, "brightness")
+    calls = []
+    monkeypatch.setattr(views, "colour_ops", lambda *a, f=views.colour_ops: calls.append(1) or f(*a))
+    got = [augment.randaugment(x, torch.Generator().manual_seed(s), ops=ops) for s in range(3)]
+    assert calls  # the native rounds ran
+    monkeypatch.setattr(views, "colour_ops_apply", lambda x: False)
+    want = [augment.randaugment(x, torch.Generator().manual_seed(s), ops=ops) for s in range(3)]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@needs_compiler
+def test_the_colour_ops_kernel_refuses_what_it_does_not_take():
+    x = torch.rand(4, 3, 8, 8) * 255
+    assert views.colour_ops_apply(x)
+    assert not views.colour_ops_apply(x.double())            # fp32 only: torch's ops
+    assert not views.colour_ops_apply(x[:, :2])              # 1 or 3 channels
+    assert not views.colour_ops_apply(x.transpose(2, 3))     # not contiguous
+    with pytest.raises(ValueError, match="op, param and mean"):
+        views.colour_ops(x, torch.zeros(3, dtype=torch.int32), torch.zeros(4), torch.zeros(4))
+
+
 def test_batches_the_view_kernels_do_not_take_are_refused():
     x = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
     assert not views.applies(x.float())                           # [0, 1] floats: torch's ops
