@@ -1,4 +1,4 @@
-/* The augmentation views' geometric copies of uint8 image batches (N, C, H, W).
+/* The augmentation views' geometric copies of uint8 image batches (N, C, H, W), and RandAugment's colour ops.
  *
  * pad_crop_u8, the weak view's per-sample translation and mirror, in one pass over memory: output
  * pixel (i, j) of sample b reads input row i + dy[b] and column j + dx[b], or column
@@ -9,7 +9,8 @@
  * are tabled once, and each row is a plain copy but for the few columns whose source lies outside
  * the image. Samples are split between OpenMP threads (parallel.h).
  *
- * cutout_u8, the strong view's cutout, fills each sample's box in place.
+ * cutout_u8, the strong view's cutout, fills each sample's box in place; colour_ops_f32 (below) runs
+ * one RandAugment round's colour ops on an fp32 batch.
  */
 #include <math.h>
 #include <stdint.h>
