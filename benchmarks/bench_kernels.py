@@ -21,6 +21,8 @@
     one matrix product over the batch that a CPU without AMX runs there), and its share of (d):
     the engine with every native kernel but this one (where the tiles do not run, 3x3 maps take the
     small-map matrix product, as on a CPU without AMX).
+(h) FixMatch's strong view of 448 images (Fashion-MNIST- and CIFAR-sized) with RandAugment's colour
+    ops in the native call (``views.colour_ops``) and as torch's ops grouped by op, alternated.
 (f) With ``--accuracy-seeds N``: the test accuracy of each ``--accuracy MODEL:BATCH`` trained on the
     whole of Fashion-MNIST for ``--accuracy-epochs`` (bf16, weak view, Nesterov SGD with warmup and
     cosine) the four ways of (d), seeds 0..N-1: the fused first layer, the BatchNorm kernel and the
@@ -49,11 +51,11 @@ from bench_engine import load_fashion  # noqa: E402
 
 from semiprune_core import kernels  # noqa: E402
 from semiprune_core.allocator import keep_freed_memory  # noqa: E402
-from semiprune_core.kernels import bn_relu, conv_pool, conv_wgrad, maxpool2  # noqa: E402
+from semiprune_core.kernels import bn_relu, conv_pool, conv_wgrad, maxpool2, views  # noqa: E402
 from semiprune_core.models import create_model  # noqa: E402
 from semiprune_core.models import fastcnn  # noqa: E402
 from semiprune_core.models.fastcnn import MaxPool2, small_map_weight_grad  # noqa: E402
-from semiprune_core.training import Schedule, SupervisedObjective, evaluate, fit, predict  # noqa: E402
+from semiprune_core.training import Schedule, SupervisedObjective, augment, evaluate, fit, predict  # noqa: E402
 
 POOL_SHAPES = [(960, 16, 28, 28), (960, 32, 14, 14), (960, 64, 7, 7), (256, 16, 28, 28), (256, 16, 14, 14), (256, 32, 7, 7)]
 CONV_POOL_SHAPES = [(960, 1, 16, 28), (256, 1, 16, 28), (256, 1, 32, 28)]  # batch, c_in, c_out, size
@@ -177,6 +179,28 @@ def wgrads(reps: int) -> list[dict]:
     return rows
 
 
+def strong_views(reps: int) -> list[dict]:
+    """(h): FixMatch's strong view of 448 images with RandAugment's colour ops native and with torch's
+    grouped ops (``views.colour_ops_apply`` off), alternated per call."""
+    rows = []
+    for shape in ((448, 1, 28, 28), (448, 3, 32, 32)):
+        x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        native_applies, times = views.colour_ops_apply, {"native": [], "torch": []}
+        for r in range(2 * reps):
+            way = ("native", "torch")[r % 2]
+            views.colour_ops_apply = native_applies if way == "native" else (lambda x: False)
+            generator = torch.Generator().manual_seed(r // 2)
+            t0 = time.perf_counter()
+            augment.strong_view(x, generator)
+            times[way].append(time.perf_counter() - t0)
+        views.colour_ops_apply = native_applies
+        ms = {way: statistics.median(v[1:]) * 1e3 for way, v in times.items()}
+        rows.append({"shape": list(shape), "ms_torch": ms["torch"], "ms_native": ms["native"]})
+        print(f"strong view {str(shape):>18}: {ms['torch']:.3f} -> {ms['native']:.3f} ms "
+              f"({ms['torch'] / ms['native']:.2f}x)", flush=True)
+    return rows
+
+
 def training(specs: list[str], rounds: int) -> list[dict]:
     x, y, _, _ = load_fashion()
     ways = {"torch": False, "native_bn_apart": ("maxpool2", "conv_pool", "conv_wgrad"),
@@ -280,7 +304,7 @@ def main() -> None:
     report = {"machine": {"platform": platform.platform(), "cpu": kernels.cpu_model(),
                           "torch": torch.__version__, "threads": torch.get_num_threads()},
               "max_pool": pools(args.reps), "conv_pool": conv_pools(args.reps), "bn_relu": bn_relus(args.reps),
-              "conv_wgrad": wgrads(args.reps),
+              "conv_wgrad": wgrads(args.reps), "strong_view": strong_views(args.reps),
               "training": training(args.train, args.rounds),
               "inference": inference(args.inference, args.rounds)}
     if args.accuracy_seeds:
