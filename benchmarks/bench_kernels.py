@@ -18,9 +18,8 @@
     (what inference runs); the median images per second of each.
 (g) The weight gradient of a 3x3 conv on AMX tiles (``conv_wgrad``) against oneDNN's backward-weights
     kernel at the shapes ``fastcnn``, ``fastcnn_l`` and ``fastcnn_s`` train (bf16; on 3x3 maps also the
-    one matrix product over the batch that a CPU without AMX runs there), and its share of (d):
-    the engine with every native kernel but this one (where the tiles do not run, 3x3 maps take the
-    small-map matrix product, as on a CPU without AMX).
+    one matrix product over the batch that a CPU without AMX runs there), and its share of (d): the
+    engine with every native kernel but this one.
 (h) FixMatch's strong view of 448 images (Fashion-MNIST- and CIFAR-sized) with RandAugment's colour
     ops in the native call (``views.colour_ops``) and as torch's ops grouped by op, alternated.
 (f) With ``--accuracy-seeds N``: the test accuracy of each ``--accuracy MODEL:BATCH`` trained on the

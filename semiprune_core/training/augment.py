@@ -163,6 +163,16 @@ def _enhance_factor(u: Tensor) -> Tensor:
     return 1.0 + MAX_ENHANCE * (2.0 * u - 1.0)
 
 
+def _posterize_step(u: Tensor) -> Tensor:
+    """The quantisation step 2 ** (8 - bits), keeping 4..8 bits."""
+    bits = 4 + (u * 5).floor().clamp(max=4)
+    return torch.pow(2.0, 8 - bits)
+
+
+def _solarize_threshold(u: Tensor) -> Tensor:
+    return 256 * u
+
+
 def _autocontrast(x: Tensor) -> Tensor:
     lo = x.amin(dim=(2, 3), keepdim=True)
     hi = x.amax(dim=(2, 3), keepdim=True)
@@ -222,11 +232,10 @@ def _color_op(name: str, x: Tensor, u: Tensor) -> Tensor:
     if name == "sharpness":
         return _sharpness(x, _enhance_factor(u))
     if name == "posterize":
-        bits = 4 + (u * 5).floor().clamp(max=4)  # keep 4..8 bits
-        q = torch.pow(2.0, 8 - bits)[:, None, None, None]
+        q = _posterize_step(u)[:, None, None, None]
         return (x / q).floor() * q
     if name == "solarize":
-        threshold = (256 * u)[:, None, None, None]
+        threshold = _solarize_threshold(u)[:, None, None, None]
         return torch.where(x >= threshold, 255 - x, x)
     raise ValueError(f"unknown colour op {name!r}")
 
@@ -277,9 +286,8 @@ def _native_colour_round(out: Tensor, ops: tuple[str, ...], op_id: Tensor, mag: 
     same bits as :func:`_color_op` on each op's group: the parameters come from the same torch
     expressions, and contrast's mean from the same reduction over the same group."""
     code = torch.tensor([COLOR_OPS.index(name) if name in COLOR_OPS else -1 for name in ops], dtype=torch.int32)[op_id]
-    bits = 4 + (mag * 5).floor().clamp(max=4)
-    param = torch.where(code == COLOR_OPS.index("posterize"), torch.pow(2.0, 8 - bits),
-                        torch.where(code == COLOR_OPS.index("solarize"), 256 * mag, _enhance_factor(mag)))
+    param = torch.where(code == COLOR_OPS.index("posterize"), _posterize_step(mag),
+                        torch.where(code == COLOR_OPS.index("solarize"), _solarize_threshold(mag), _enhance_factor(mag)))
     mean = torch.zeros_like(mag)
     for name, idx in zip(ops, order.split(counts)):
         if name == "contrast" and idx.numel():
