@@ -117,22 +117,26 @@ static void autocontrast(float *p, int64_t hw) {
     for (int64_t i = 0; i < hw; i++) p[i] = clamp255((p[i] - lo) * scale);
 }
 
-/* PIL's equalisation on the rounded pixels, all in integers (torch's floats hold them exactly) */
-static void equalize(float *p, int64_t hw) {
+/* PIL's equalisation on the rounded pixels, all in integers (torch's floats hold them exactly); -1,
+ * the image unchanged, where a pixel does not round into 0..255 (torch's path fails there too) */
+static int equalize(float *p, int64_t hw) {
     int64_t hist[256] = {0}, lut[256];
+    for (int64_t i = 0; i < hw; i++)
+        if (!(nearbyintf(p[i]) >= 0.0f && nearbyintf(p[i]) <= 255.0f)) return -1;  /* a NaN too */
     for (int64_t i = 0; i < hw; i++) hist[(int)nearbyintf(p[i])]++;
     int last = 255;
     while (last > 0 && hist[last] == 0) last--;
     const int64_t step = (hw - hist[last]) / 255;
     if (step <= 0) {
         for (int64_t i = 0; i < hw; i++) p[i] = nearbyintf(p[i]);
-        return;
+        return 0;
     }
     for (int64_t v = 0, below = 0; v < 256; below += hist[v], v++) {
         const int64_t l = (below + step / 2) / step;
         lut[v] = l > 255 ? 255 : l;
     }
     for (int64_t i = 0; i < hw; i++) p[i] = (float)lut[(int)nearbyintf(p[i])];
+    return 0;
 }
 
 static void sharpness(float *p, float *smooth, int64_t h, int64_t w, float f) {
@@ -150,11 +154,15 @@ static void sharpness(float *p, float *smooth, int64_t h, int64_t w, float f) {
     for (int64_t i = 0; i < h * w; i++) p[i] = blend(p[i], smooth[i], f);
 }
 
-static void colour_op(float *x, int64_t c, int64_t h, int64_t w, int op, float param, float mean, float *scratch) {
+/* 0, or -1 where equalize met a pixel outside 0..255 */
+static int colour_op(float *x, int64_t c, int64_t h, int64_t w, int op, float param, float mean, float *scratch) {
     const int64_t hw = h * w;
     switch (op) {
     case AUTOCONTRAST: for (int64_t k = 0; k < c; k++) autocontrast(x + k * hw, hw); break;
-    case EQUALIZE: for (int64_t k = 0; k < c; k++) equalize(x + k * hw, hw); break;
+    case EQUALIZE:
+        for (int64_t k = 0; k < c; k++)
+            if (equalize(x + k * hw, hw)) return -1;
+        break;
     case BRIGHTNESS: for (int64_t i = 0; i < c * hw; i++) x[i] = blend(x[i], 0.0f, param); break;
     case CONTRAST: for (int64_t i = 0; i < c * hw; i++) x[i] = blend(x[i], mean, param); break;
     case COLOR:
@@ -169,25 +177,27 @@ static void colour_op(float *x, int64_t c, int64_t h, int64_t w, int op, float p
     case SOLARIZE: for (int64_t i = 0; i < c * hw; i++) x[i] = x[i] >= param ? 255.0f - x[i] : x[i]; break;
     default: break;  /* identity, or a geometric op (applied later, as one warp) */
     }
+    return 0;
 }
 
-/* Returns 0, or -1 where a thread could not allocate its scratch image. */
+/* Returns 0; -1 where a thread could not allocate its scratch image; -2 where equalize met a pixel
+ * outside 0..255 (that sample's image unchanged, the others done). */
 int colour_ops_f32(float *x, const int32_t *op, const float *param, const float *mean, int64_t n, int64_t c,
                    int64_t h, int64_t w, int threads) {
     const int parts = parts_for(n, n * c * h * w, threads);
-    int failed = 0;
-#pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1) reduction(| : failed)
+    int no_memory = 0, out_of_range = 0;
+#pragma omp parallel for num_threads(parts) schedule(static, 1) if (parts > 1) reduction(| : no_memory, out_of_range)
     for (int t = 0; t < parts; t++) {
         float *scratch = malloc(h * w * sizeof *scratch);
         if (!scratch) {
-            failed = 1;
+            no_memory = 1;
             continue;
         }
         for (int64_t b = part_begin(n, t, parts); b < part_begin(n, t + 1, parts); b++)
-            colour_op(x + b * c * h * w, c, h, w, op[b], param[b], mean[b], scratch);
+            out_of_range |= colour_op(x + b * c * h * w, c, h, w, op[b], param[b], mean[b], scratch) != 0;
         free(scratch);
     }
-    return failed ? -1 : 0;
+    return no_memory ? -1 : out_of_range ? -2 : 0;
 }
 
 #pragma GCC pop_options

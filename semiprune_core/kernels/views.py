@@ -77,12 +77,18 @@ def colour_ops_apply(x: Tensor) -> bool:
 def colour_ops(x: Tensor, op: Tensor, param: Tensor, mean: Tensor) -> None:
     """Sample b of ``x`` (N, C, H, W), fp32 on the 0..255 scale, gets colour op ``op[b]`` (an index into
     ``augment.COLOR_OPS``, -1 for none) with ``param[b]`` (the enhance factor, posterize's step or
-    solarize's threshold) and, for contrast, its grey image's mean ``mean[b]``; in place."""
+    solarize's threshold) and, for contrast, its grey image's mean ``mean[b]``; in place. Raises
+    ``ValueError`` where equalize meets a pixel that does not round into 0..255 (torch's path fails
+    there too, on its histogram's index)."""
     n, c, h, w = x.shape
     op, param, mean = op.to(torch.int32).contiguous(), param.float().contiguous(), mean.float().contiguous()
     if not op.shape == param.shape == mean.shape == (n,):
         raise ValueError(f"colour_ops needs ({n},) op, param and mean, got {tuple(op.shape)}, {tuple(param.shape)}, "
                          f"{tuple(mean.shape)}")
-    if _library().colour_ops_f32(x.data_ptr(), op.data_ptr(), param.data_ptr(), mean.data_ptr(), n, c, h, w,
-                                 torch.get_num_threads()):
+    status = _library().colour_ops_f32(x.data_ptr(), op.data_ptr(), param.data_ptr(), mean.data_ptr(), n, c, h, w,
+                                       torch.get_num_threads())
+    if status == -1:
         raise MemoryError("colour_ops could not allocate its scratch image")
+    if status == -2:
+        raise ValueError("RandAugment's equalize needs pixels in 0..255 (uint8 images, or floats in [0, 1]); "
+                         "scale the images into that range")

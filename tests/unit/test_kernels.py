@@ -638,6 +638,19 @@ def test_the_colour_ops_kernel_refuses_what_it_does_not_take():
         views.colour_ops(x, torch.zeros(3, dtype=torch.int32), torch.zeros(4), torch.zeros(4))
 
 
+@needs_compiler
+@pytest.mark.parametrize("bad", [300.0, -2.0, float("nan")])
+def test_equalize_on_pixels_outside_0_255_fails_as_torchs_path_does_instead_of_writing_past_its_histogram(
+        monkeypatch, bad):
+    x = torch.rand(4, 1, 8, 8)
+    x[2, 0, 3, 3] = bad / 255  # a float image outside [0, 1]
+    with pytest.raises(ValueError, match="equalize needs pixels in 0..255"):
+        augment.randaugment(x, torch.Generator().manual_seed(0), ops=("equalize",))
+    monkeypatch.setattr(views, "colour_ops_apply", lambda x: False)
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        augment.randaugment(x, torch.Generator().manual_seed(0), ops=("equalize",))
+
+
 def test_batches_the_view_kernels_do_not_take_are_refused():
     x = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
     assert not views.applies(x.float())                           # [0, 1] floats: torch's ops
