@@ -36,7 +36,7 @@ FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=256", "-shared", "-fPIC"
 
 
 #: every kernel in this package
-NAMES = ("maxpool2", "conv_pool", "bn_relu", "views", "conv_wgrad")
+NAMES = ("maxpool2", "conv_pool", "bn_relu", "views", "conv_wgrad", "conv_wgrad_f32")
 
 
 def enabled(name: str | None = None) -> bool:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..kernels import bn_relu as native_bn_relu
 from ..kernels import conv_pool as native_conv_pool
 from ..kernels import conv_wgrad as native_conv_wgrad
+from ..kernels import conv_wgrad_f32 as native_conv_wgrad_f32
 from ..kernels import maxpool2 as native_max_pool
 from .base import Classifier
 from .registry import register_model
@@ -118,29 +119,31 @@ def small_map_weight_grad(x: Tensor, grad: Tensor) -> Tensor:
     return (_tap_of_pairs(h, w, pairs.dtype) @ pairs).view(3, 3, o, c).permute(2, 3, 0, 1)
 
 
-class _TileConv(torch.autograd.Function):
-    """bf16 3x3 convolution (stride 1, padding 1, optional bias) with its weight gradient on AMX tiles
-    (:mod:`semiprune_core.kernels.conv_wgrad`), in fp32 for the fp32 ``weight``."""
+class _NativeWeightGradConv(torch.autograd.Function):
+    """3x3 convolution (stride 1, padding 1, optional bias) in ``x``'s dtype, with its weight (and bias)
+    gradient from a native kernel module (``kernel``: :mod:`semiprune_core.kernels.conv_wgrad`'s AMX tiles
+    for bf16, :mod:`semiprune_core.kernels.conv_wgrad_f32` for fp32), in fp32 for the fp32 ``weight``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        w16 = weight.to(torch.bfloat16)
-        ctx.save_for_backward(x, w16)
-        return F.conv2d(x, w16, None if bias is None else bias.to(torch.bfloat16), padding=1)
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, kernel) -> Tensor:
+        w = weight.to(x.dtype)
+        ctx.save_for_backward(x, w)
+        ctx.kernel = kernel
+        return F.conv2d(x, w, None if bias is None else bias.to(x.dtype), padding=1)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        x, w16 = ctx.saved_tensors
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+        x, w = ctx.saved_tensors
         grad = grad.contiguous(memory_format=torch.channels_last)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.ops.aten.convolution_backward(
-                grad, x, w16, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False])[0]
-        if ctx.needs_input_grad[2]:  # summed in fp32 as the kernel lays out grad
-            grad_w, grad_b = native_conv_wgrad.conv3x3_weight_and_bias_grad(x, grad)
+                grad, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False])[0]
+        if ctx.needs_input_grad[2]:  # summed as the kernel reads grad
+            grad_w, grad_b = ctx.kernel.conv3x3_weight_and_bias_grad(x, grad)
         elif ctx.needs_input_grad[1]:
-            grad_w = native_conv_wgrad.conv3x3_weight_grad(x, grad)
-        return grad_x, grad_w, grad_b
+            grad_w = ctx.kernel.conv3x3_weight_grad(x, grad)
+        return grad_x, grad_w, grad_b, None
 
 
 #: largest map (pixels) on which the AMX weight gradient beat oneDNN's (2-core Xeon, bf16, batch 512):
@@ -156,8 +159,15 @@ TILE_MAX_PAIRS_ON_SMALL_MAPS = 64 * 128
 
 #: batch * c_in * c_out from which the matrix product beat oneDNN's backward-weights kernel on 3x3 maps
 #: (2-core Sapphire Rapids, bf16): 64->128 channels at batch 256 and 32->64 at 960 gained, 48->96 at 256
-#: and 32->64 at 256 (``fastcnn_s``) lost
+#: and 32->64 at 256 (``fastcnn_s``) lost. In fp32 (2-core AMD EPYC, AVX2) it beat the AVX2 weight
+#: gradient above it too (32->64 at batch 960 2.9 against 3.2 ms, 64->128 at 512 5.2 against 5.7; 64->128
+#: at 256 equal) and lost below it (32->64 at 256 0.78 against 0.67 ms)
 SMALL_MAP_MIN_WORK = 1_500_000
+
+
+#: fewest input channels for which the fp32 AVX2 weight gradient beat oneDNN's (2-core AMD EPYC, batch
+#: 512): 16 -> 32 at 14x14 1.15-1.3x; 8 -> 16 0.93-1.12x and 4 -> 8 0.6x (too few products per load)
+F32_MIN_INPUT_CHANNELS = 16
 
 
 class Conv3x3(nn.Conv2d):
@@ -180,7 +190,13 @@ class Conv3x3(nn.Conv2d):
     at FixMatch's 960 rows; the product 4.7 ms). The same up to bf16 rounding (0.23 % relative error
     against float64, oneDNN's 0.16 %: the product's blocks are rounded before the taps sum them).
 
-    Elsewhere (fp32, a GPU, larger maps, other channel counts, inference, ``torch.compile``) it is
+    In fp32 training (no autocast; CPUs without native bf16 train so), the same product takes the same
+    small maps, and elsewhere layers of at least :data:`F32_MIN_INPUT_CHANNELS` input channels and a
+    multiple of 8 output channels take :mod:`semiprune_core.kernels.conv_wgrad_f32`'s AVX2 weight
+    gradient where it is built (AVX2 and FMA, no AVX-512): 1.15-1.6x oneDNN's on ``fastcnn``'s layers,
+    fp32 sums in another order. The forward and the input gradient stay oneDNN's bits.
+
+    Elsewhere (a GPU, larger maps in bf16, other channel counts, inference, ``torch.compile``) it is
     ``nn.Conv2d``, bit for bit.
     """
 
@@ -188,17 +204,24 @@ class Conv3x3(nn.Conv2d):
         super().__init__(c_in, c_out, 3, padding=1, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        if (x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
-                and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not torch.compiler.is_compiling()):
-            pixels, pairs = x.shape[-2] * x.shape[-1], self.in_channels * self.out_channels
-            product = pixels <= 9 and self.bias is None and x.shape[0] * pairs >= SMALL_MAP_MIN_WORK
+        if x.device.type != "cpu" or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return super().forward(x)
+        autocast = torch.is_autocast_enabled("cpu")
+        pixels, pairs = x.shape[-2] * x.shape[-1], self.in_channels * self.out_channels
+        product = pixels <= 9 and self.bias is None and x.shape[0] * pairs >= SMALL_MAP_MIN_WORK
+        if autocast and torch.get_autocast_dtype("cpu") == torch.bfloat16:
             if (pixels <= TILE_MAX_PIXELS and self.weight.requires_grad and native_conv_wgrad.applies(x, self.weight)
                     and not (product and pairs > TILE_MAX_PAIRS_ON_SMALL_MAPS)):
                 with torch.autocast("cpu", enabled=False):
-                    return _TileConv.apply(x.to(torch.bfloat16), self.weight, self.bias)
+                    return _NativeWeightGradConv.apply(x.to(torch.bfloat16), self.weight, self.bias, native_conv_wgrad)
             if product:
                 with torch.autocast("cpu", enabled=False):
                     return _SmallMapConv.apply(x.to(torch.bfloat16), self.weight.to(torch.bfloat16))
+        elif not autocast and x.dtype == self.weight.dtype == torch.float32 and self.weight.requires_grad:
+            if product:
+                return _SmallMapConv.apply(x, self.weight)
+            if self.in_channels >= F32_MIN_INPUT_CHANNELS and native_conv_wgrad_f32.applies(x, self.weight):
+                return _NativeWeightGradConv.apply(x, self.weight, self.bias, native_conv_wgrad_f32)
         return super().forward(x)
 
 

@@ -21,6 +21,7 @@ from semiprune_core import kernels
 from semiprune_core.kernels import bn_relu
 from semiprune_core.kernels import conv_pool
 from semiprune_core.kernels import conv_wgrad
+from semiprune_core.kernels import conv_wgrad_f32
 from semiprune_core.kernels import maxpool2 as native
 from semiprune_core.kernels import views
 from semiprune_core.models import create_model
@@ -756,7 +757,7 @@ def test_fastcnn_convs_train_with_the_tile_weight_gradient_and_onednns_values(c,
         y.backward(grad.to(y.dtype))
         outs.append((y, xg.grad))
     (y, gx), (y_ref, gx_ref) = outs
-    assert y.grad_fn.name() == "_TileConvBackward"  # the tile path ran
+    assert y.grad_fn.name() == "_NativeWeightGradConvBackward"  # the tile path ran
     assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)  # oneDNN's forward and input gradient
     exact = _weight_grad_f64(x.bfloat16(), grad)
     assert conv.weight.grad.dtype == torch.float32
@@ -778,7 +779,7 @@ def test_wide_convs_on_small_maps_keep_the_matrix_product_where_it_beat_the_tile
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert conv(x.requires_grad_(True)).grad_fn.name() == "_SmallMapConvBackward"
         # too little work for the product: the tiles where the CPU has them, else oneDNN's kernel
-        assert conv(x[:2]).grad_fn.name() == ("_TileConvBackward" if _has_tiles() else "ConvolutionBackward0")
+        assert conv(x[:2]).grad_fn.name() == ("_NativeWeightGradConvBackward" if _has_tiles() else "ConvolutionBackward0")
 
 
 @needs_compiler
@@ -791,3 +792,120 @@ def test_without_amx_convs_keep_onednns_weight_gradient_and_reports_say_the_kern
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = Conv3x3(32, 64)(x)
     assert y.grad_fn.name() == "ConvolutionBackward0"
+
+
+# --- the fp32 weight gradient (AVX2) ---------------------------------------------------------------
+
+def _relative_error(got: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((got.double() - exact).norm() / exact.norm())
+
+
+def _has_f32_wgrad() -> bool:
+    return conv_wgrad_f32.applies(torch.empty(1, 16, 7, 7), torch.empty(32, 16, 3, 3))
+
+
+needs_f32_wgrad = pytest.mark.skipif(not _has_f32_wgrad(),
+                                     reason="no AVX2 and FMA, or AVX-512, on this CPU (or no C compiler): oneDNN's weight gradient runs")
+
+
+@needs_f32_wgrad
+@pytest.mark.parametrize("n,c,o,h,w", [
+    (3, 16, 32, 14, 14),  # fastcnn's: two 16-channel blocks of g, channel blocks of 6, 6, 4
+    (2, 4, 8, 14, 14),  # fastcnn_s's stem: one 8-channel vector
+    (5, 5, 24, 6, 7),  # a last block of 8 output channels, one input block of 5, a row shorter than the map
+    (4, 13, 40, 28, 28),  # rows taken a few at a time (a map past a block's positions)
+    (70, 32, 64, 3, 3),  # more images than a row has positions: the loop runs across images
+    (40, 7, 16, 1, 1),  # a single pixel: every tap but the centre reads padding
+    (9, 3, 8, 2, 3),
+])
+def test_the_fp32_weight_gradient_is_the_convolutions_to_fp32_rounding(n, c, o, h, w):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, h, w, generator=gen).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(n, o, h, w, generator=gen).contiguous(memory_format=torch.channels_last)
+    exact = _weight_grad_f64(x, grad)
+    got = conv_wgrad_f32.conv3x3_weight_grad(x, grad)
+    assert got.dtype == torch.float32 and got.shape == (o, c, 3, 3)
+    assert _relative_error(got, exact) < 1e-6  # fp32 sums (a wrong tap or channel gives about 1)
+    weight, bias = conv_wgrad_f32.conv3x3_weight_and_bias_grad(x, grad)
+    assert torch.equal(weight, got)  # the bias's sums change nothing else
+    sums = grad.double().sum((0, 2, 3))
+    assert bias.shape == (o,) and _relative_error(bias, sums) < 1e-6
+    # nchw operands, and the same bits on one thread as on two (each thread's part is summed apart)
+    assert torch.equal(conv_wgrad_f32.conv3x3_weight_grad(x.contiguous(), grad.contiguous()), got)
+
+
+@needs_f32_wgrad
+def test_the_fp32_weight_gradient_of_a_large_batch_sums_every_threads_part():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 16, 7, 7, generator=gen).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(300, 32, 7, 7, generator=gen).contiguous(memory_format=torch.channels_last)
+    exact = _weight_grad_f64(x, grad)
+    for threads in (1, 2, 3):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            got = conv_wgrad_f32.conv3x3_weight_grad(x, grad)
+        finally:
+            torch.set_num_threads(before)
+        assert _relative_error(got, exact) < 1e-5, threads  # 14,700 fp32 terms per sum on one thread
+
+
+@needs_compiler
+def test_convolutions_the_fp32_weight_gradient_does_not_take_are_refused():
+    x = torch.randn(2, 16, 7, 7)
+    assert not conv_wgrad_f32.applies(x, torch.empty(20, 16, 3, 3))  # output channels not a multiple of 8
+    assert not conv_wgrad_f32.applies(x.bfloat16(), torch.empty(32, 16, 3, 3))  # bf16
+    assert not conv_wgrad_f32.applies(x, torch.empty(32, 16, 5, 5))  # not 3x3
+    with pytest.raises(ValueError, match="multiple of 8"):
+        conv_wgrad_f32.conv3x3_weight_grad(x, torch.randn(2, 20, 7, 7))
+    with pytest.raises(ValueError, match="fp32"):
+        conv_wgrad_f32.conv3x3_weight_grad(x.bfloat16(), torch.randn(2, 32, 7, 7))
+
+
+@needs_f32_wgrad
+@pytest.mark.parametrize("c,o,size,bias", [(16, 32, 14, False), (32, 64, 7, False), (32, 64, 3, True), (64, 128, 3, False)])
+def test_fastcnn_convs_train_in_fp32_with_the_native_weight_gradient_and_onednns_values(c, o, size, bias):
+    from semiprune_core.models.fastcnn import SMALL_MAP_MIN_WORK, Conv3x3
+
+    gen = torch.Generator().manual_seed(0)
+    conv, ref = Conv3x3(c, o, bias=bias), torch.nn.Conv2d(c, o, 3, padding=1, bias=bias)
+    ref.load_state_dict(conv.state_dict())
+    n = 24
+    assert n * c * o < SMALL_MAP_MIN_WORK  # too little work for the small-map product
+    x = torch.randn(n, c, size, size, generator=gen).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(n, o, size, size, generator=gen)
+    outs = []
+    for layer in (conv, ref):
+        xg = x.clone().requires_grad_(True)
+        y = layer(xg)
+        y.backward(grad)
+        outs.append((y, xg.grad))
+    (y, gx), (y_ref, gx_ref) = outs
+    assert y.grad_fn.name() == "_NativeWeightGradConvBackward"  # the native path ran
+    assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)  # oneDNN's forward and input gradient
+    exact = _weight_grad_f64(x, grad)
+    assert conv.weight.grad.dtype == torch.float32
+    assert _relative_error(conv.weight.grad, exact) < 1e-6
+    if bias:
+        assert _relative_error(conv.bias.grad, grad.double().sum((0, 2, 3))) < 1e-6
+
+
+@needs_compiler
+def test_fp32_convs_keep_onednns_weight_gradient_where_the_native_one_lost_or_cannot_run(monkeypatch):
+    from semiprune_core.models.fastcnn import F32_MIN_INPUT_CHANNELS, SMALL_MAP_MIN_WORK, Conv3x3
+
+    def backward_name(layer, x, **autocast):
+        with torch.autocast("cpu", **autocast):
+            return layer(x.contiguous(memory_format=torch.channels_last).requires_grad_(True)).grad_fn.name()
+
+    few = F32_MIN_INPUT_CHANNELS // 2
+    assert backward_name(Conv3x3(few, 16), torch.randn(4, few, 14, 14), enabled=False) == "ConvolutionBackward0"
+    assert backward_name(Conv3x3(16, 20), torch.randn(4, 16, 7, 7), enabled=False) == "ConvolutionBackward0"
+    frozen = Conv3x3(16, 32).requires_grad_(False)
+    assert backward_name(frozen, torch.randn(4, 16, 7, 7), enabled=False) == "ConvolutionBackward0"
+    # the small-map product takes fp32 small maps with enough work, as it takes bf16 ones
+    big = SMALL_MAP_MIN_WORK // (32 * 64) + 1
+    assert backward_name(Conv3x3(32, 64), torch.randn(big, 32, 3, 3), enabled=False) == "_SmallMapConvBackward"
+    monkeypatch.setattr(conv_wgrad_f32, "_library", lambda: None)  # a CPU it was not built for
+    assert "conv_wgrad_f32" not in kernels.available()
+    assert backward_name(Conv3x3(16, 32), torch.randn(4, 16, 7, 7), enabled=False) == "ConvolutionBackward0"

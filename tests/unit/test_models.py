@@ -180,8 +180,7 @@ def test_fastcnn_convs_are_torchs_outside_small_bf16_cpu_training(tiles, monkeyp
     cases = {  # what each case leaves out: each path needs all of them
         "larger map": (conv, torch.randn(4, 32, 17, 17), True),  # past the AMX weight gradient's maps
         "channels the tiles do not take": (Conv3x3(24, 40), torch.randn(big, 24, 3, 3), True),
-        "fp32": (conv, torch.randn(big, 32, 3, 3), False),
-    }
+    }  # fp32 training has paths of its own (tests/unit/test_kernels.py, the fp32 weight gradient)
     if not tiles:
         cases["small layer"] = (conv, torch.randn(4, 32, 3, 3), True)
         cases["a bias"] = (Conv3x3(32, 64, bias=True), torch.randn(big, 32, 3, 3), True)
