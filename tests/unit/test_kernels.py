@@ -27,6 +27,7 @@ from semiprune_core.kernels import views
 from semiprune_core.models import create_model
 from semiprune_core.models.fastcnn import MaxPool2
 from semiprune_core.training import augment
+from semiprune_core.training.engine import cpu_has_native_bf16
 
 needs_compiler = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None or not kernels.enabled(),
                                     reason="no C compiler (or SEMIPRUNE_NATIVE=0): torch's kernels are used")
@@ -237,7 +238,10 @@ def test_fused_conv_and_pool_give_torchs_outputs_and_a_more_exact_weight_gradien
     assert grad_got.dtype == torch.float32 and grad_got.shape == conv.weight.shape
     assert (grad_got.double() - reference).norm() < 1e-5 * reference.norm()  # summed in fp32: oneDNN's bf16 kernel rounds
     (grad_want,) = torch.autograd.grad(want, conv.weight, grad)
-    torch.testing.assert_close(grad_got, grad_want, rtol=0.01 if bf16 else 1e-5, atol=1e-3 * grad_want.abs().max().item())
+    if bf16 and not cpu_has_native_bf16():  # oneDNN's emulated bf16 kernel is further off (3 % on an AVX2 EPYC)
+        assert (grad_got.double() - reference).norm() <= (grad_want.double() - reference).norm()
+    else:
+        torch.testing.assert_close(grad_got, grad_want, rtol=0.01 if bf16 else 1e-5, atol=1e-3 * grad_want.abs().max().item())
 
 
 @needs_compiler

@@ -9,6 +9,7 @@ from torch import nn
 from semiprune_core.errors import ConfigError
 from semiprune_core.models import Classifier, create_model, list_models, register_model
 from semiprune_core.models.fastcnn import SpaceToDepth
+from semiprune_core.training.engine import cpu_has_native_bf16
 
 
 def test_list_models_names_the_built_in_models():
@@ -164,7 +165,9 @@ def test_fastcnn_small_map_convs_train_with_torchs_values_and_gradients(size, mo
     w64 = conv.weight.detach().bfloat16().double().requires_grad_(True)
     torch.nn.functional.conv2d(x64, w64, padding=1).backward(grad.double())
     exact = w64.grad
-    for got in (conv.weight.grad, ref.weight.grad):
+    # oneDNN's own bf16 weight gradient is this close only where bf16 is native (AMX, AVX512-BF16): emulated
+    # (an AVX2 EPYC), it was 3 % off, and there training runs in fp32 unless bf16 is forced
+    for got in (conv.weight.grad, ref.weight.grad) if cpu_has_native_bf16() else (conv.weight.grad,):
         assert got.shape == exact.shape and float((got.double() - exact).norm() / exact.norm()) < 4e-3
 
 
