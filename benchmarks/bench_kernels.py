@@ -8,18 +8,19 @@
     the inference forward.
 (c) A training-mode BatchNorm and its ReLU (``bn_relu``) against torch's two, forward + backward at
     the shapes ``fastcnn`` and ``fastcnn_s`` train (bf16).
-(d) One epoch of the engine on Fashion-MNIST per model and batch (``--train fastcnn:960 ...``, bf16)
-    four ways, alternated ``--rounds`` times: torch's kernels, the native kernels with BatchNorm and
+(d) One epoch of the engine on Fashion-MNIST per model and batch (``--train fastcnn:960 ...``, in
+    ``--precision``: bf16, or fp32 as CPUs without native bf16 train) four ways, alternated ``--rounds`` times: torch's kernels, the native kernels with BatchNorm and
     ReLU left to torch, the native kernels with oneDNN's weight gradient, and every native kernel; the
     median images per second of each.
 (e) Inference per model (``--inference fastcnn fastcnn_l fastcnn_s``): :func:`predict` over 20,000
     Fashion-MNIST images (bf16) three ways, alternated ``--rounds`` times: torch's kernels, the native
     kernels with BatchNorm and ReLU run apart, and the native kernels applying them as the pools write
     (what inference runs); the median images per second of each.
-(g) The weight gradient of a 3x3 conv on AMX tiles (``conv_wgrad``) against oneDNN's backward-weights
-    kernel at the shapes ``fastcnn``, ``fastcnn_l`` and ``fastcnn_s`` train (bf16; on 3x3 maps also the
-    one matrix product over the batch that a CPU without AMX runs there), and its share of (d): the
-    engine with every native kernel but this one.
+(g) The weight gradient of a 3x3 conv on AMX tiles (``conv_wgrad``, bf16) and with AVX2 FMA
+    (``conv_wgrad_f32``, fp32), each where this CPU runs it, against oneDNN's backward-weights kernel at
+    the shapes ``fastcnn``, ``fastcnn_l`` and ``fastcnn_s`` train (on 3x3 maps also the one matrix
+    product over the batch that runs there instead above :data:`fastcnn.SMALL_MAP_MIN_WORK`), and its
+    share of (d): the engine with every native kernel but these.
 (h) FixMatch's strong view of 448 images (Fashion-MNIST- and CIFAR-sized) with RandAugment's colour
     ops in the native call (``views.colour_ops``) and as torch's ops grouped by op, alternated.
 (f) With ``--accuracy-seeds N``: the test accuracy of each ``--accuracy MODEL:BATCH`` trained on the
@@ -50,7 +51,7 @@ from bench_engine import load_fashion  # noqa: E402
 
 from semiprune_core import kernels  # noqa: E402
 from semiprune_core.allocator import keep_freed_memory  # noqa: E402
-from semiprune_core.kernels import bn_relu, conv_pool, conv_wgrad, maxpool2, views  # noqa: E402
+from semiprune_core.kernels import bn_relu, conv_pool, conv_wgrad, conv_wgrad_f32, maxpool2, views  # noqa: E402
 from semiprune_core.models import create_model  # noqa: E402
 from semiprune_core.models import fastcnn  # noqa: E402
 from semiprune_core.models.fastcnn import MaxPool2, small_map_weight_grad  # noqa: E402
@@ -63,10 +64,11 @@ WGRAD_SHAPES = [(512, 16, 32, 14), (512, 32, 64, 7), (960, 16, 32, 14), (960, 32
                 (256, 64, 128, 7), (512, 64, 128, 3), (960, 64, 128, 3),  # fastcnn, fastcnn_l
                 (512, 4, 8, 14), (512, 8, 16, 14), (512, 32, 64, 3), (256, 4, 8, 14), (256, 8, 16, 14),
                 (256, 32, 64, 3), (512, 128, 256, 3), (256, 128, 256, 3)]  # fastcnn_s, fastcnn_l: batch, c_in, c_out, size
-KERNELS = {"maxpool2": maxpool2, "conv_pool": conv_pool, "bn_relu": bn_relu, "conv_wgrad": conv_wgrad}
+KERNELS = {"maxpool2": maxpool2, "conv_pool": conv_pool, "bn_relu": bn_relu, "conv_wgrad": conv_wgrad,
+           "conv_wgrad_f32": conv_wgrad_f32}
 NATIVE_APPLIES = {name: module.applies for name, module in KERNELS.items()}
 TORCH_APPLIES = {"maxpool2": lambda x: False, "conv_pool": lambda x, conv: False, "bn_relu": lambda x, bn: False,
-                 "conv_wgrad": lambda x, weight: False}
+                 "conv_wgrad": lambda x, weight: False, "conv_wgrad_f32": lambda x, weight: False}
 
 
 def use_native(on: bool | tuple[str, ...]) -> None:
@@ -157,24 +159,27 @@ def bn_relus(reps: int) -> list[dict]:
 
 def wgrads(reps: int) -> list[dict]:
     rows = []
-    if not conv_wgrad.applies(torch.empty(1, 16, 7, 7), torch.empty(32, 16, 3, 3)):
-        print("conv_wgrad: this CPU or its kernel build has no AMX; skipped", flush=True)
-        return rows
-    for batch, c_in, c_out, size in WGRAD_SHAPES:
-        x = torch.randn(batch, c_in, size, size).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        grad = torch.randn(batch, c_out, size, size).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        weight = torch.randn(c_out, c_in, 3, 3).to(torch.bfloat16)
-        onednn = median_ms(lambda: torch.ops.aten.convolution_backward(
-            grad, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]), reps)
-        tiles = median_ms(lambda: conv_wgrad.conv3x3_weight_grad(x, grad), reps)
-        row = {"batch": batch, "c_in": c_in, "c_out": c_out, "size": size, "ms_onednn": onednn, "ms_native": tiles}
-        product = ""
-        if size * size <= 9:  # where a CPU without AMX takes the one matrix product over the batch
-            row["ms_small_map_product"] = median_ms(lambda: small_map_weight_grad(x, grad), reps)
-            product = f"; the small-map matrix product {row['ms_small_map_product']:.3f} ms"
-        rows.append(row)
-        print(f"conv {c_in}->{c_out} weight gradient at {size}x{size}, batch {batch}: {onednn:.3f} -> {tiles:.3f} ms "
-              f"({onednn / tiles:.2f}x){product}", flush=True)
+    for dtype, module in ((torch.bfloat16, conv_wgrad), (torch.float32, conv_wgrad_f32)):
+        if not module.applies(torch.empty(1, 16, 7, 7, dtype=dtype), torch.empty(32, 16, 3, 3, dtype=dtype)):
+            print(f"{module.__name__.rsplit('.', 1)[-1]}: this CPU does not run it (conv_wgrad needs AMX, conv_wgrad_f32 "
+                  f"AVX2 without AVX-512); skipped", flush=True)
+            continue
+        for batch, c_in, c_out, size in WGRAD_SHAPES:
+            x = torch.randn(batch, c_in, size, size).to(dtype).contiguous(memory_format=torch.channels_last)
+            grad = torch.randn(batch, c_out, size, size).to(dtype).contiguous(memory_format=torch.channels_last)
+            weight = torch.randn(c_out, c_in, 3, 3).to(dtype)
+            onednn = median_ms(lambda: torch.ops.aten.convolution_backward(
+                grad, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]), reps)
+            native = median_ms(lambda: module.conv3x3_weight_grad(x, grad), reps)
+            row = {"dtype": str(dtype).removeprefix("torch."), "batch": batch, "c_in": c_in, "c_out": c_out, "size": size,
+                   "ms_onednn": onednn, "ms_native": native}
+            product = ""
+            if size * size <= 9:  # where the one matrix product over the batch may run instead
+                row["ms_small_map_product"] = median_ms(lambda: small_map_weight_grad(x, grad), reps)
+                product = f"; the small-map matrix product {row['ms_small_map_product']:.3f} ms"
+            rows.append(row)
+            print(f"conv {c_in}->{c_out} weight gradient at {size}x{size}, batch {batch}, {row['dtype']}: {onednn:.3f} -> "
+                  f"{native:.3f} ms ({onednn / native:.2f}x){product}", flush=True)
     return rows
 
 
@@ -200,9 +205,9 @@ def strong_views(reps: int) -> list[dict]:
     return rows
 
 
-def training(specs: list[str], rounds: int) -> list[dict]:
+def training(specs: list[str], rounds: int, precision: str) -> list[dict]:
     x, y, _, _ = load_fashion()
-    ways = {"torch": False, "native_bn_apart": ("maxpool2", "conv_pool", "conv_wgrad"),
+    ways = {"torch": False, "native_bn_apart": ("maxpool2", "conv_pool", "conv_wgrad", "conv_wgrad_f32"),
             "native_wgrad_apart": ("maxpool2", "conv_pool", "bn_relu"), "native": True}
     rows = []
     for spec in specs:
@@ -216,17 +221,18 @@ def training(specs: list[str], rounds: int) -> list[dict]:
                 model = create_model(name, in_channels=1, num_classes=10, image_size=28, seed=0)
                 objective = SupervisedObjective(x[:n], y[:n], view="weak")
                 t0 = time.perf_counter()
-                fit(model, objective, Schedule(epochs=1, batch_size=batch, lr=0.1, warmup=0.05), seed=0, device="cpu", precision="bf16")
+                fit(model, objective, Schedule(epochs=1, batch_size=batch, lr=0.1, warmup=0.05), seed=0, device="cpu",
+                    precision=precision)
                 rates[way].append(n / (time.perf_counter() - t0))
         use_native(True)
         rate = {way: statistics.median(v) for way, v in rates.items()}
-        rows.append({"model": name, "batch_size": batch, "images": n, "rounds": rounds,
+        rows.append({"model": name, "batch_size": batch, "precision": precision, "images": n, "rounds": rounds,
                      **{f"img_per_s_{way}": v for way, v in rate.items()}, "speedup": rate["native"] / rate["torch"],
                      "speedup_bn_relu": rate["native"] / rate["native_bn_apart"],
                      "speedup_conv_wgrad": rate["native"] / rate["native_wgrad_apart"]})
-        print(f"{name} batch {batch}: torch {rate['torch']:,.0f}, native with BatchNorm apart {rate['native_bn_apart']:,.0f}, "
+        print(f"{name} batch {batch} {precision}: torch {rate['torch']:,.0f}, native with BatchNorm apart {rate['native_bn_apart']:,.0f}, "
               f"all native {rate['native']:,.0f} img/s ({rate['native'] / rate['torch']:.2f}x; the BatchNorm kernel "
-              f"{rate['native'] / rate['native_bn_apart']:.2f}x; the AMX weight gradient "
+              f"{rate['native'] / rate['native_bn_apart']:.2f}x; the native weight gradient "
               f"{rate['native'] / rate['native_wgrad_apart']:.2f}x)", flush=True)
     return rows
 
@@ -289,6 +295,7 @@ def main() -> None:
     p.add_argument("--train", nargs="*", default=["fastcnn:960", "fastcnn:256", "fastcnn_s:256", "fastcnn_l:256"],
                    metavar="MODEL:BATCH")
     p.add_argument("--inference", nargs="*", default=["fastcnn", "fastcnn_l", "fastcnn_s"], metavar="MODEL")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="(d)'s precision")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--accuracy", nargs="*", default=["fastcnn:256", "fastcnn:960"], metavar="MODEL:BATCH")
@@ -296,7 +303,7 @@ def main() -> None:
     p.add_argument("--accuracy-epochs", type=int, default=10)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    if set(kernels.NAMES) - set(kernels.available()) - {"conv_wgrad"}:  # conv_wgrad needs AMX: (g) says so
+    if set(kernels.NAMES) - set(kernels.available()) - {"conv_wgrad", "conv_wgrad_f32"}:  # per CPU: (g) says which
         sys.exit("error: the native kernels are not available here (no C compiler, or SEMIPRUNE_NATIVE=0); "
                  "install a C compiler (cc) or unset SEMIPRUNE_NATIVE")
     keep_freed_memory()  # as every stage process does
@@ -304,7 +311,7 @@ def main() -> None:
                           "torch": torch.__version__, "threads": torch.get_num_threads()},
               "max_pool": pools(args.reps), "conv_pool": conv_pools(args.reps), "bn_relu": bn_relus(args.reps),
               "conv_wgrad": wgrads(args.reps), "strong_view": strong_views(args.reps),
-              "training": training(args.train, args.rounds),
+              "training": training(args.train, args.rounds, args.precision),
               "inference": inference(args.inference, args.rounds)}
     if args.accuracy_seeds:
         report["accuracy"] = accuracy(args.accuracy, args.accuracy_seeds, args.accuracy_epochs)
