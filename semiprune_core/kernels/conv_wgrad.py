@@ -62,11 +62,20 @@ def _gradients(x: Tensor, grad: Tensor, *, bias: bool) -> tuple[Tensor, Tensor |
                          f"multiple of 16 or at most 16, got {tuple(x.shape)} and {tuple(grad.shape)}")
     x = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     grad = grad.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    return summed_parts(_library().conv3x3_wgrad, x, grad, bias=bias)
+
+
+def summed_parts(kernel, x: Tensor, grad: Tensor, *, bias: bool) -> tuple[Tensor, Tensor | None]:
+    """Run a weight-gradient ``kernel`` (``conv3x3_wgrad``'s arguments) on channels-last ``x`` and ``grad``
+    with one part of the sums per thread, and add the parts up: the weight's (O, C, 3, 3) and, with
+    ``bias``, the bias's (O,)."""
+    n, c, h, w = x.shape
+    o = grad.shape[1]
     threads = torch.get_num_threads()
     parts = torch.empty((threads, 3, 3, c, o), dtype=torch.float32)
     bias_parts = torch.empty((threads, o), dtype=torch.float32) if bias else None
-    used = _library().conv3x3_wgrad(x.data_ptr(), grad.data_ptr(), parts.data_ptr(),
-                                    None if bias_parts is None else bias_parts.data_ptr(), n, h, w, c, o, threads)
+    used = kernel(x.data_ptr(), grad.data_ptr(), parts.data_ptr(), None if bias_parts is None else bias_parts.data_ptr(),
+                  n, h, w, c, o, threads)
     if used < 0:
         raise MemoryError("conv3x3_weight_grad could not allocate its buffers")
     return parts[:used].sum(0).permute(3, 2, 0, 1).contiguous(), None if bias_parts is None else bias_parts[:used].sum(0)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import load
+from .conv_wgrad import summed_parts
 
 
 @functools.cache
@@ -58,11 +59,4 @@ def _gradients(x: Tensor, grad: Tensor, *, bias: bool) -> tuple[Tensor, Tensor |
                          f"of 8, got {tuple(x.shape)} {x.dtype} and {tuple(grad.shape)} {grad.dtype}")
     x = x.contiguous(memory_format=torch.channels_last)
     grad = grad.contiguous(memory_format=torch.channels_last)
-    threads = torch.get_num_threads()
-    parts = torch.empty((threads, 3, 3, c, o), dtype=torch.float32)
-    bias_parts = torch.empty((threads, o), dtype=torch.float32) if bias else None
-    used = _library().conv3x3_wgrad_f32(x.data_ptr(), grad.data_ptr(), parts.data_ptr(),
-                                        None if bias_parts is None else bias_parts.data_ptr(), n, h, w, c, o, threads)
-    if used < 0:
-        raise MemoryError("conv3x3_weight_grad could not allocate its buffer")
-    return parts[:used].sum(0).permute(3, 2, 0, 1).contiguous(), None if bias_parts is None else bias_parts[:used].sum(0)
+    return summed_parts(_library().conv3x3_wgrad_f32, x, grad, bias=bias)
